@@ -1,0 +1,225 @@
+"""Structured guides ``q(z) q(theta)`` for networks of :mod:`pyro_bc.nn` layers.
+
+For every Bayesian layer the guide holds one factor per site of the layer's prior (a Normal for
+sites with real support, a log-normal for positive support), a Normal for the weights ``theta``
+and one for the bias. Because the weights are non-centred (``w = z * theta``), this is the paper's
+``q(z) q(w | z)`` with ``q(w | z) = N(z mu, z^2 sigma^2)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.poutine.messenger import Messenger
+from torch import nn
+from torch.distributions import biject_to, constraints
+
+from .nn import BayesianLayer
+
+#: the role a guide marks its weight and bias sites with (``infer={"bc_role": ...}``)
+WEIGHT_ROLE = "weight"
+
+
+class _SiteShapes(Messenger):
+    """Runs a prior without sampling: every site gets a valid placeholder value."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites = []
+
+    def _pyro_sample(self, msg):
+        fn = msg["fn"]
+        shape = fn.shape()
+        support = fn.support
+        msg["value"] = biject_to(support)(torch.zeros(shape))
+        msg["done"] = True
+        msg["stop"] = True
+        self.sites.append((msg["name"], shape, support, fn.event_dim))
+
+
+def prior_sites(prior, name, num_groups):
+    """Names, shapes, supports and event dims of the sample sites of ``prior(name, num_groups)``."""
+    recorder = _SiteShapes()
+    with poutine.block(), recorder:
+        prior(name, num_groups)
+    return recorder.sites
+
+
+class _NormalFactor(nn.Module):
+    """A Normal (or log-normal) factor with mean ``loc`` and log-variance ``log_var``."""
+
+    def __init__(self, site, loc, log_var, event_dim, log_normal=False, max_log_var=None):
+        super().__init__()
+        self.site = site
+        self.event_dim = event_dim
+        self.log_normal = log_normal
+        self.max_log_var = max_log_var
+        self.loc = nn.Parameter(loc.detach().clone().float())
+        self.log_var = nn.Parameter(log_var.detach().clone().float())
+
+    def distribution(self):
+        log_var = self.log_var
+        if self.max_log_var is not None:
+            log_var = log_var.clamp(max=self.max_log_var)
+        family = dist.LogNormal if self.log_normal else dist.Normal
+        return family(self.loc, (0.5 * log_var).exp()).to_event(self.event_dim)
+
+
+class LayerPosterior(nn.Module):
+    """The guide's factors of one Bayesian layer: its prior's sites, then weight, then bias."""
+
+    def __init__(self, layer: BayesianLayer, clip_var=None):
+        super().__init__()
+        self.name = layer.site()
+        self.scale_factors = nn.ModuleList()
+        for site, shape, support, event_dim in prior_sites(
+            layer.prior, self.name, layer.num_groups
+        ):
+            init = layer.prior.guide_init(site, shape) or {}
+            support = _base_support(support)
+            if _is_positive(support):
+                default_loc, log_normal = torch.zeros(shape), True
+            elif isinstance(support, type(constraints.real)):
+                default_loc, log_normal = torch.ones(shape), False
+            else:
+                raise ValueError(
+                    f"site {site!r}: StructuredGuide has no default family for support {support}; "
+                    "use a prior whose sites have real or positive support"
+                )
+            loc = init.get("loc", default_loc)
+            log_var = init.get("log_var", torch.full(shape, -9.0))
+            self.scale_factors.append(_NormalFactor(site, loc, log_var, event_dim, log_normal))
+
+        fan_in = math.prod(layer.weight_shape[1:])
+        max_log_var = None if clip_var is None else math.log(clip_var)
+        self.weight = _NormalFactor(
+            layer.site("weight"),
+            torch.randn(layer.weight_shape) / math.sqrt(fan_in),
+            torch.full(layer.weight_shape, -9.0) + 0.01 * torch.randn(layer.weight_shape),
+            len(layer.weight_shape),
+            max_log_var=max_log_var,
+        )
+        self.bias = None
+        if layer.has_bias:
+            self.bias = _NormalFactor(
+                layer.site("bias"),
+                torch.zeros(layer.bias_shape),
+                torch.full(layer.bias_shape, -9.0) + 0.01 * torch.randn(layer.bias_shape),
+                1,
+            )
+
+    def distributions(self):
+        """Site name -> guide distribution, in the model's order."""
+        factors = [*self.scale_factors, self.weight] + ([self.bias] if self.bias else [])
+        return {f.site: f.distribution() for f in factors}
+
+    def forward(self):
+        for factor in self.scale_factors:
+            pyro.sample(factor.site, factor.distribution())
+        infer = {"bc_role": WEIGHT_ROLE}
+        pyro.sample(self.weight.site, self.weight.distribution(), infer=infer)
+        if self.bias is not None:
+            pyro.sample(self.bias.site, self.bias.distribution(), infer=infer)
+
+
+def _base_support(support):
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support
+
+
+def _is_positive(support):
+    bounded_below = (constraints.greater_than, constraints.greater_than_eq)
+    return isinstance(support, bounded_below) and support.lower_bound == 0
+
+
+class StructuredGuide(nn.Module):
+    """The paper's structured posterior ``q(z) q(theta)`` for every Bayesian layer of ``model``.
+
+    :param model: a :class:`~pyro_bc.nn.BayesianNetwork` (or any module whose Bayesian layers run
+        in registration order).
+    :param clip_var: maximum variance of the weights ``theta``: a number for every layer or a
+        dict ``{layer name: number}`` (the authors clip fc1 of LeNet-300-100 at 0.04).
+
+    Calling the guide samples every latent site; call it with the model's arguments. Its
+    parameters are ordinary ``nn.Parameter`` s, so any ``torch.optim`` optimizer trains them
+    (:func:`pyro_bc.fit` does).
+
+    Example::
+
+        model = LeNet300100(prior=GroupNormalJeffreys(), dataset_size=60_000)
+        guide = StructuredGuide(model, clip_var={"fc1": 0.04})
+        loss = pyro.infer.TraceMeanField_ELBO().differentiable_loss(model, guide, x, y)
+    """
+
+    def __init__(self, model, clip_var=None):
+        super().__init__()
+        # Kept out of the module tree so the guide's state_dict holds only its own parameters.
+        self.__dict__["model"] = model
+        layers = [m for m in model.modules() if isinstance(m, BayesianLayer)]
+        if not layers:
+            raise ValueError(f"{type(model).__name__} has no pyro_bc Bayesian layers to guide")
+        if not isinstance(clip_var, dict):
+            clip_var = {layer.site(): clip_var for layer in layers}
+        unknown = set(clip_var) - {layer.site() for layer in layers}
+        if unknown:
+            raise ValueError(f"clip_var names layers the model does not have: {sorted(unknown)}")
+        self.layers = nn.ModuleList(
+            LayerPosterior(layer, clip_var.get(layer.site())) for layer in layers
+        )
+
+    def forward(self, *args, **kwargs):
+        for layer in self.layers:
+            layer()
+
+    def distributions(self):
+        """Site name -> guide distribution for every latent site, in the model's order."""
+        return {name: d for layer in self.layers for name, d in layer.distributions().items()}
+
+    @torch.no_grad()
+    def init_from(self, network: nn.Module):
+        """Sets the weight means so the posterior-mean weights equal a trained network's.
+
+        ``network`` is a plain network with the same layer names (e.g. the model's
+        ``deterministic()`` twin, trained): ``nn.Linear`` for dense and ``nn.Conv2d`` for conv
+        layers. The paper's "compress a trained network" workflow starts here.
+
+        Example::
+
+            guide.init_from(trained_lenet)
+        """
+        from .priors import as_prior
+
+        bayesian = {m.site(): m for m in self.model.modules() if isinstance(m, BayesianLayer)}
+        for posterior in self.layers:
+            layer = bayesian[posterior.name]
+            try:
+                source = network.get_submodule(posterior.name)
+            except AttributeError as e:
+                raise ValueError(
+                    f"init_from: {type(network).__name__} has no layer {posterior.name!r}"
+                ) from e
+            weight = getattr(source, "weight", None)
+            if weight is None or weight.shape != layer.weight_shape:
+                raise ValueError(
+                    f"init_from: layer {posterior.name!r} needs a weight of shape "
+                    f"{tuple(layer.weight_shape)}, got "
+                    f"{None if weight is None else tuple(weight.shape)}"
+                )
+            scale_posteriors = {f.site: f.distribution() for f in posterior.scale_factors}
+            mean_z, _ = as_prior(layer.prior).scale_moments(
+                posterior.name, layer.num_groups, scale_posteriors
+            )
+            mean_z = mean_z[None, :] if layer.group_side == "input" else mean_z[:, None]
+            mean_z = mean_z.reshape(mean_z.shape + (1,) * (weight.dim() - 2))
+            posterior.weight.loc.copy_(weight / mean_z)
+            if posterior.bias is not None and getattr(source, "bias", None) is not None:
+                bias = source.bias
+                if layer.group_side == "output":
+                    bias = bias / mean_z.reshape(-1)
+                posterior.bias.loc.copy_(bias)
+        return self

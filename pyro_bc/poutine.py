@@ -1,0 +1,170 @@
+"""Effect handlers that compute the layers' outputs from the guide's distributions.
+
+The same model code runs three ways:
+
+- with no handler, each layer's output uses the sampled weights and scales;
+- under :func:`local_reparameterization`, each layer samples its pre-activation from its mean and
+  variance under the guide, with the group scale drawn once per data point (training);
+- under :func:`posterior_mean`, each layer uses the posterior means ``E[z] * mu`` (evaluation).
+
+Both handlers record the guide's distribution of every site while the guide runs, and answer the
+layers' ``"preactivation"`` messages (see :data:`pyro_bc.nn.preactivation`) from those records.
+Run the guide and the model inside the same handler, as ``SVI.step`` and :func:`pyro_bc.fit` do.
+
+Example::
+
+    with pyro_bc.poutine.local_reparameterization():
+        loss = TraceMeanField_ELBO().differentiable_loss(model, guide, x, y)
+"""
+
+from __future__ import annotations
+
+import torch
+from pyro import poutine
+from pyro.poutine.messenger import Messenger
+
+from .guides import WEIGHT_ROLE
+
+
+class _PosteriorDraws(Messenger):
+    """Replaces every sample site by a draw of ``sample_shape`` from the recorded posterior."""
+
+    def __init__(self, posteriors, sample_shape):
+        super().__init__()
+        self.posteriors = posteriors
+        self.sample_shape = torch.Size(sample_shape)
+
+    def _pyro_sample(self, msg):
+        name = msg["name"]
+        if name not in self.posteriors:
+            raise KeyError(
+                f"no guide distribution recorded for site {name!r}: run the guide inside the "
+                "same pyro_bc.poutine handler as the model"
+            )
+        value = self.posteriors[name].rsample(self.sample_shape)
+        if value.dim() == len(self.sample_shape):
+            # A scalar site (e.g. a layer's global scale) broadcasts against the groups.
+            value = value.unsqueeze(-1)
+        msg["value"] = value
+        msg["done"] = True
+
+
+def draw_group_scale(prior, name, num_groups, posteriors, num_draws):
+    """Draws the group scale ``num_draws`` times from the guide: shape ``(num_draws, num_groups)``.
+
+    Reruns the prior's Pyro model with each of its sites drawn from ``posteriors`` (site name ->
+    guide distribution), so it works for any prior, including a user's function.
+
+    Example::
+
+        z = draw_group_scale(layer.prior, "fc1", 784, guide.distributions(), num_draws=128)
+    """
+    with poutine.block(), _PosteriorDraws(posteriors, (num_draws,)):
+        return prior(name, num_groups)
+
+
+def _normal_moments(fn, site):
+    base = fn
+    while isinstance(base, torch.distributions.Independent):
+        base = base.base_dist
+    if not isinstance(base, torch.distributions.Normal):
+        raise TypeError(
+            f"site {site!r}: the guide's distribution is {type(base).__name__}, but computing "
+            "layer outputs from the posterior needs a Normal"
+        )
+    return base.loc, base.scale.pow(2)
+
+
+class _PosteriorRecorder(Messenger):
+    """Records the guide's distribution of every site it sees sampled (not replayed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.posteriors = {}
+
+    def _pyro_sample(self, msg):
+        if msg["done"] or msg["is_observed"] or msg["value"] is not None:
+            return
+        self.posteriors[msg["name"]] = msg["fn"]
+        if msg["infer"].get("bc_role") == WEIGHT_ROLE:
+            # Layers compute their outputs from this distribution, so a draw would be wasted.
+            msg["value"] = msg["fn"].mean
+            msg["done"] = True
+
+    def _layer_posterior(self, layer):
+        weight_loc, weight_var = _normal_moments(
+            self._posterior(layer.site("weight")), layer.site("weight")
+        )
+        bias_loc = bias_var = None
+        if layer.has_bias:
+            bias_loc, bias_var = _normal_moments(
+                self._posterior(layer.site("bias")), layer.site("bias")
+            )
+        return weight_loc, weight_var, bias_loc, bias_var
+
+    def _posterior(self, site):
+        try:
+            return self.posteriors[site]
+        except KeyError:
+            raise KeyError(
+                f"no guide distribution recorded for site {site!r}: run the guide inside the "
+                "same pyro_bc.poutine handler as the model"
+            ) from None
+
+
+class LocalReparameterizationMessenger(_PosteriorRecorder):
+    """Samples each layer's pre-activation from its Gaussian moments under the guide.
+
+    The group scale is drawn once per data point, so the noise of the scale is independent across
+    the examples of a batch, as in the paper; see :func:`local_reparameterization`.
+    """
+
+    def _pyro_preactivation(self, msg):
+        layer, x = msg["args"][:2]
+        weight_loc, weight_var, bias_loc, bias_var = self._layer_posterior(layer)
+        z = draw_group_scale(
+            layer.prior, layer.site(), layer.num_groups, self.posteriors, x.shape[0]
+        )
+        mean, var = layer.moments(x, z, weight_loc, weight_var, bias_loc, bias_var)
+        # clamp keeps the square root's gradient finite where the variance is exactly zero
+        msg["value"] = mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
+        msg["done"] = True
+
+
+class PosteriorMeanMessenger(_PosteriorRecorder):
+    """Computes each layer's output with the posterior-mean weights ``E[z] * mu``."""
+
+    def _pyro_preactivation(self, msg):
+        layer, x = msg["args"][:2]
+        weight_loc, _, bias_loc, _ = self._layer_posterior(layer)
+        mean_z, _ = layer.prior.scale_moments(layer.site(), layer.num_groups, self.posteriors)
+        msg["value"] = layer.apply(x, mean_z, weight_loc, bias_loc)
+        msg["done"] = True
+
+
+def local_reparameterization(fn=None):
+    """Local reparameterization as an effect handler.
+
+    Inside it, the guide's weight sites are not sampled; each Bayesian layer samples its output
+    ``N(mean, var)`` from the guide's distributions instead, drawing the group scale per example.
+
+    Example::
+
+        with local_reparameterization():
+            loss = TraceMeanField_ELBO().differentiable_loss(model, guide, x, y)
+    """
+    messenger = LocalReparameterizationMessenger()
+    return messenger(fn) if fn is not None else messenger
+
+
+def posterior_mean(fn=None):
+    """Evaluates layers with the posterior-mean weights ``E[z] * mu`` and bias means.
+
+    Example::
+
+        with torch.no_grad(), posterior_mean():
+            guide_trace = pyro.poutine.trace(guide).get_trace(x)
+            logits = pyro.poutine.replay(model, trace=guide_trace)(x)
+    """
+    messenger = PosteriorMeanMessenger()
+    return messenger(fn) if fn is not None else messenger

@@ -1,0 +1,139 @@
+import math
+
+import pyro
+import pytest
+import torch
+from pyro.infer import TraceMeanField_ELBO
+from pyro_bc.models import LeNet5Caffe, LeNet300100
+
+import pyro_bc
+from pyro_bc.nn import BayesianLinear
+from pyro_bc.poutine import posterior_mean
+
+K1, K2, K3 = 0.63576, 1.87320, 1.48695
+
+
+def _closed_form_kl(guide):
+    """PAPER.md's formulas, written out: Molchanov's KL for z, Normal || N(0, 1) for theta, b."""
+    total = 0.0
+    for layer in guide.layers:
+        (scale,) = layer.scale_factors
+        log_alpha = scale.log_var - torch.log(scale.loc**2)
+        neg_kl = (
+            K1 * torch.sigmoid(K2 + K3 * log_alpha) - 0.5 * torch.log1p(torch.exp(-log_alpha)) - K1
+        )
+        total = total - neg_kl.sum()
+        for factor in (layer.weight, layer.bias):
+            var = factor.log_var.exp()
+            total = total + 0.5 * (factor.loc**2 + var - 1 - factor.log_var).sum()
+    return total
+
+
+def test_elbo_kl_is_the_closed_form_sum():
+    model = LeNet300100(dataset_size=1000)
+    guide = pyro_bc.StructuredGuide(model)
+    with torch.no_grad():
+        for layer in guide.layers:
+            for factor in (*layer.scale_factors, layer.weight, layer.bias):
+                factor.log_var.uniform_(-6, 0)
+    x = torch.randn(8, 1, 28, 28)
+    # without the observed site the negative ELBO is the KL alone: deterministic if closed form
+    prior_only = pyro.poutine.block(model, hide=["obs"])
+    elbo = TraceMeanField_ELBO()
+    with pyro_bc.poutine.local_reparameterization():
+        first = elbo.differentiable_loss(prior_only, guide, x)
+        second = elbo.differentiable_loss(prior_only, guide, x)
+    expected = _closed_form_kl(guide)
+    assert first.item() == second.item()
+    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-2)
+    records = pyro_bc.kl_audit(model, guide, x, torch.zeros(8, dtype=torch.long))
+    assert records and all(r.closed_form for r in records)
+
+
+def test_guide_sites_follow_the_model_order_without_warnings():
+    model = LeNet5Caffe(dataset_size=100)
+    guide = pyro_bc.StructuredGuide(model)
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    with pyro.validation_enabled(True):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            TraceMeanField_ELBO().differentiable_loss(model, guide, x, y)
+    assert list(guide.distributions()) == [
+        f"{layer}.{what}"
+        for layer in ("conv1", "conv2", "fc1", "fc2")
+        for what in ("scale", "weight", "bias")
+    ]
+
+
+def test_authors_initialisation():
+    torch.manual_seed(0)
+    guide = pyro_bc.StructuredGuide(LeNet300100())
+    fc1 = guide.layers[0]
+    (scale,) = fc1.scale_factors
+    assert scale.loc.mean().item() == pytest.approx(1.0, abs=2e-3)
+    assert scale.loc.std().item() == pytest.approx(0.01, rel=0.2)
+    assert fc1.weight.log_var.mean().item() == pytest.approx(-9.0, abs=1e-3)
+    assert fc1.weight.loc.std().item() == pytest.approx(1 / math.sqrt(784), rel=0.05)
+
+
+def test_clip_var_caps_the_weight_variance():
+    guide = pyro_bc.StructuredGuide(LeNet300100(), clip_var={"fc1": 0.04})
+    with torch.no_grad():
+        for layer in guide.layers:
+            layer.weight.log_var.fill_(0.0)
+    dists = guide.distributions()
+    assert dists["fc1.weight"].base_dist.scale.pow(2).max().item() == pytest.approx(0.04)
+    assert dists["fc2.weight"].base_dist.scale.pow(2).max().item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="fc9"):
+        pyro_bc.StructuredGuide(LeNet300100(), clip_var={"fc9": 0.04})
+
+
+@pytest.mark.parametrize("network", [LeNet300100, LeNet5Caffe])
+def test_init_from_a_trained_network_reproduces_it(network):
+    model = network()
+    guide = pyro_bc.StructuredGuide(model)
+    twin = network.deterministic()
+    guide.init_from(twin)
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        logits = pyro_bc.predict_logits(model, guide, x)
+        torch.testing.assert_close(logits, twin(x), rtol=1e-4, atol=1e-5)
+
+
+def test_init_from_names_the_missing_layer():
+    model = LeNet300100()
+    guide = pyro_bc.StructuredGuide(model)
+    with pytest.raises(ValueError, match="fc1"):
+        guide.init_from(torch.nn.Sequential())
+
+
+def test_guide_needs_bayesian_layers():
+    with pytest.raises(ValueError, match="no pyro_bc Bayesian layers"):
+        pyro_bc.StructuredGuide(torch.nn.Linear(2, 2))
+
+
+def test_custom_prior_gets_lognormal_factors():
+    import pyro.distributions as dist
+
+    def half_cauchy_groups(name, num_groups):
+        tau = pyro.sample(f"{name}.tau", dist.HalfCauchy(1.0))
+        lam = pyro.sample(f"{name}.lam", dist.HalfCauchy(torch.ones(num_groups)).to_event(1))
+        return tau * lam
+
+    layer = BayesianLinear(6, 2, prior=half_cauchy_groups)
+    guide = pyro_bc.StructuredGuide(layer)
+    dists = guide.distributions()
+    assert list(dists) == [
+        "BayesianLinear.tau",
+        "BayesianLinear.lam",
+        "BayesianLinear.weight",
+        "BayesianLinear.bias",
+    ]
+    assert isinstance(dists["BayesianLinear.lam"].base_dist, dist.LogNormal)
+    x = torch.randn(3, 6)
+    with posterior_mean():
+        trace = pyro.poutine.trace(guide).get_trace(x)
+        out = pyro.poutine.replay(layer, trace=trace)(x)
+    assert out.shape == (3, 2) and torch.isfinite(out).all()
