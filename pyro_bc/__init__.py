@@ -13,17 +13,22 @@ Example::
 
 from . import distributions, nn, poutine, priors
 from .audit import kl_audit
+from .codec import load
+from .compress import CompressedNetwork, compress
 from .guides import StructuredGuide
 from .infer import evaluate, fit, load_checkpoint, predict_logits
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompressedNetwork",
     "StructuredGuide",
+    "compress",
     "distributions",
     "evaluate",
     "fit",
     "kl_audit",
+    "load",
     "load_checkpoint",
     "nn",
     "poutine",

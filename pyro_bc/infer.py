@@ -12,11 +12,11 @@ from pathlib import Path
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
 from . import poutine as bc_poutine
+from .elbo import MeanFieldELBO
 
 
 class _ObservedLogits(Messenger):
@@ -42,6 +42,54 @@ class History:
         return len(self.epochs)
 
 
+class TrainingStep:
+    """One SVI step of ``guide`` on a mini-batch: the hot path of :func:`fit`.
+
+    Computes the negative ELBO of ``TraceMeanField_ELBO`` (closed-form KLs where registered; see
+    :class:`~pyro_bc.elbo.MeanFieldELBO`),
+    under local reparameterization unless told otherwise, and takes an optimizer step. Pyro's
+    validation runs on the first step only: its checks cost as much as a small network's step.
+    Calling it returns the loss and the logits of the batch (for a running error).
+
+    Example::
+
+        step = TrainingStep(model, guide, lr=1e-3)
+        for x, y in train_loader:
+            loss, logits = step(x, y)
+    """
+
+    def __init__(
+        self,
+        model,
+        guide,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        lr: float = 1e-3,
+        num_particles: int = 1,
+        local_reparameterization: bool = True,
+    ):
+        self.model = model
+        self.guide = guide
+        self.optimizer = optimizer or torch.optim.Adam(guide.parameters(), lr=lr)
+        self.elbo = MeanFieldELBO(num_particles=num_particles)
+        self.handler = (
+            bc_poutine.local_reparameterization
+            if local_reparameterization
+            else contextlib.nullcontext
+        )
+        self.steps_taken = 0
+        self._observed = _ObservedLogits()
+
+    def __call__(self, x, y):
+        with pyro.validation_enabled(self.steps_taken == 0), self.handler(), self._observed:
+            loss = self.elbo.differentiable_loss(self.model, self.guide, x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.steps_taken += 1
+        return loss.detach(), self._observed.logits
+
+
 def fit(
     model,
     guide,
@@ -64,7 +112,7 @@ def fit(
 
     The KL terms of every site with a registered closed form are exact; the likelihood is
     scaled by ``dataset_size / batch_size`` by the model's data plate. Adam (``lr``) over the
-    guide's parameters unless ``optimizer`` is given.
+    guide's parameters unless ``optimizer`` is given. Each step is a :class:`TrainingStep`.
 
     :param train_loader: iterable of ``(x, y)`` mini-batches (a ``DataLoader``).
     :param local_reparameterization: sample pre-activations (the paper's training) rather than
@@ -81,31 +129,30 @@ def fit(
 
         history = pyro_bc.fit(model, guide, train_loader, epochs=200, test_loader=test_loader)
     """
-    params = list(guide.parameters())
-    if optimizer is None:
-        optimizer = torch.optim.Adam(params, lr=lr)
+    step = TrainingStep(
+        model,
+        guide,
+        optimizer=optimizer,
+        lr=lr,
+        num_particles=num_particles,
+        local_reparameterization=local_reparameterization,
+    )
     history = History()
     start_epoch = 0
     if checkpoint is not None and resume and Path(checkpoint).exists():
         state = load_checkpoint(checkpoint)
         guide.load_state_dict(state["guide"])
-        optimizer.load_state_dict(state["optimizer"])
+        step.optimizer.load_state_dict(state["optimizer"])
         history.epochs = list(state["history"])
         start_epoch = int(state["epoch"])
         torch.set_rng_state(state["rng"])
 
-    elbo = TraceMeanField_ELBO(num_particles=num_particles)
-    handler = (
-        bc_poutine.local_reparameterization if local_reparameterization else contextlib.nullcontext
-    )
-    observed = _ObservedLogits()
     model.train()
-    step = 0
     for epoch in range(start_epoch, epochs):
         if seed is not None:
             pyro.set_rng_seed(seed + epoch)
         started = time.perf_counter()
-        total_loss = total_errors = total_seen = 0.0
+        total_loss = total_errors = total_seen = steps = 0
         batches = tqdm(
             train_loader,
             desc=f"epoch {epoch + 1}/{epochs}",
@@ -113,24 +160,22 @@ def fit(
             leave=False,
             mininterval=1.0,
         )
-        for i, (x, y) in enumerate(batches):
-            if max_steps is not None and i >= max_steps:
+        for x, y in batches:
+            if max_steps is not None and steps >= max_steps:
                 break
-            # Validate the first step only: the checks cost as much as a small network's step.
-            with pyro.validation_enabled(step == 0), handler(), observed:
-                loss = elbo.differentiable_loss(model, guide, x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
+            loss, logits = step(x, y)
+            steps += 1
             total_loss += loss.item()
             total_seen += len(y)
-            if observed.logits is not None:
-                total_errors += (observed.logits.argmax(-1) != y).sum().item()
-            batches.set_postfix(loss=f"{loss.item():.4g}", err=f"{total_errors / total_seen:.2%}")
+            if logits is not None:
+                total_errors += (logits.argmax(-1) != y).sum().item()
+            if progress:
+                batches.set_postfix(
+                    loss=f"{loss.item():.4g}", err=f"{total_errors / total_seen:.2%}", refresh=False
+                )
         record = {
             "epoch": epoch + 1,
-            "loss": total_loss / max(i, 1),
+            "loss": total_loss / max(steps, 1),
             "train_error": total_errors / max(total_seen, 1),
             "seconds": time.perf_counter() - started,
         }
@@ -141,7 +186,7 @@ def fit(
         if progress:
             tqdm.write(_format_record(record))
         if checkpoint is not None:
-            save_checkpoint(checkpoint, guide, optimizer, epoch + 1, history)
+            save_checkpoint(checkpoint, guide, step.optimizer, epoch + 1, history)
         if callback is not None:
             callback(epoch + 1, record)
     return history

@@ -1,0 +1,190 @@
+"""Milliseconds per training step of LeNet-300-100 with the group normal-Jeffreys prior.
+
+Three implementations of one step at batch 128, measured in one run, interleaved, several
+repetitions each (medians):
+
+- ``pyro_bc``: the library's own training step, as :func:`pyro_bc.fit` runs it;
+- ``hand-written``: the same math in plain PyTorch (same initialisation, batch, optimizer, local
+  reparameterization, closed-form KLs), written here as the reference to beat;
+- ``deterministic``: a plain 784-300-100-10 network with cross-entropy (the floor).
+
+    python benchmarks/speed.py --repeats 7 --steps 50
+
+Writes ``benchmarks/results/speed.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import pyro
+import torch
+import torch.nn.functional as F
+from pyro_bc.models import LeNet300100
+
+import pyro_bc
+from pyro_bc.priors import GroupNormalJeffreys
+
+K1, K2, K3 = 0.63576, 1.87320, 1.48695
+SIZES = [(784, 300), (300, 100), (100, 10)]
+
+
+class HandWrittenGNJ(torch.nn.Module):
+    """LeNet-300-100 with the group normal-Jeffreys prior, trained as in the authors' code."""
+
+    def __init__(self, dataset_size, clip_var=0.04):
+        super().__init__()
+        self.dataset_size = dataset_size
+        self.max_log_var = math.log(clip_var)
+        self.z_loc = torch.nn.ParameterList()
+        self.z_log_var = torch.nn.ParameterList()
+        self.w_loc = torch.nn.ParameterList()
+        self.w_log_var = torch.nn.ParameterList()
+        self.b_loc = torch.nn.ParameterList()
+        self.b_log_var = torch.nn.ParameterList()
+        for fan_in, fan_out in SIZES:
+            self.z_loc.append(torch.nn.Parameter(1 + 0.01 * torch.randn(fan_in)))
+            self.z_log_var.append(torch.nn.Parameter(-9 + 0.01 * torch.randn(fan_in)))
+            self.w_loc.append(torch.nn.Parameter(torch.randn(fan_out, fan_in) / fan_in**0.5))
+            self.w_log_var.append(torch.nn.Parameter(-9 + 0.01 * torch.randn(fan_out, fan_in)))
+            self.b_loc.append(torch.nn.Parameter(torch.zeros(fan_out)))
+            self.b_log_var.append(torch.nn.Parameter(-9 + 0.01 * torch.randn(fan_out)))
+
+    def forward(self, x):
+        x = x.flatten(1)
+        for i in range(len(SIZES)):
+            z_scale = (0.5 * self.z_log_var[i]).exp()
+            z = self.z_loc[i] + z_scale * torch.randn(x.shape[0], SIZES[i][0])
+            w_log_var = self.w_log_var[i]
+            if i == 0:
+                w_log_var = w_log_var.clamp(max=self.max_log_var)
+            xz = x * z
+            mean = F.linear(xz, self.w_loc[i], self.b_loc[i])
+            var = F.linear(xz.pow(2), w_log_var.exp(), self.b_log_var[i].exp())
+            x = mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
+            if i < len(SIZES) - 1:
+                x = F.relu(x)
+        return x
+
+    def kl(self):
+        total = 0.0
+        for i in range(len(SIZES)):
+            log_alpha = self.z_log_var[i] - self.z_loc[i].pow(2).log()
+            total = (
+                total
+                + (
+                    -K1 * torch.sigmoid(K2 + K3 * log_alpha) + 0.5 * F.softplus(-log_alpha) + K1
+                ).sum()
+            )
+            w_log_var = self.w_log_var[i]
+            if i == 0:
+                w_log_var = w_log_var.clamp(max=self.max_log_var)
+            for loc, log_var in ((self.w_loc[i], w_log_var), (self.b_loc[i], self.b_log_var[i])):
+                total = total + 0.5 * (loc.pow(2) + log_var.exp() - 1 - log_var).sum()
+        return total
+
+    def loss(self, x, y):
+        nll = F.cross_entropy(self(x), y, reduction="sum") * (self.dataset_size / len(x))
+        return nll + self.kl()
+
+
+def step_pyro_bc(batch, dataset_size):
+    model = LeNet300100(prior=GroupNormalJeffreys(), dataset_size=dataset_size)
+    guide = pyro_bc.StructuredGuide(model, clip_var={"fc1": 0.04})
+    step = pyro_bc.infer.TrainingStep(model, guide, lr=1e-3)
+    return (lambda x, y: step(x, y)[0]), batch
+
+
+def step_hand_written(batch, dataset_size):
+    net = HandWrittenGNJ(dataset_size)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+
+    def step(x, y):
+        loss = net.loss(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step, batch
+
+
+def step_deterministic(batch, dataset_size):
+    net = LeNet300100.deterministic()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+
+    def step(x, y):
+        loss = F.cross_entropy(net(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step, batch
+
+
+def time_steps(step, batch, steps):
+    x, y = batch
+    for _ in range(5):  # warm-up: allocator, first-step validation
+        step(x, y)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step(x, y)
+    return 1000 * (time.perf_counter() - started) / steps
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/speed.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    pyro.set_rng_seed(0)
+    batch = (
+        torch.rand(args.batch_size, 1, 28, 28) * 2 - 1,
+        torch.randint(0, 10, (args.batch_size,)),
+    )
+    builders = {
+        "pyro_bc": step_pyro_bc,
+        "hand-written": step_hand_written,
+        "deterministic": step_deterministic,
+    }
+    steps = {name: build(batch, 60_000) for name, build in builders.items()}
+    times = {name: [] for name in builders}
+    for _ in range(args.repeats):  # interleaved, so load changes hit every implementation
+        for name, (step, b) in steps.items():
+            times[name].append(time_steps(step, b, args.steps))
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    result = {
+        "ms_per_step_median": medians,
+        "ms_per_step_all": times,
+        "ratio_pyro_bc_to_hand_written": medians["pyro_bc"] / medians["hand-written"],
+        "ratio_hand_written_to_deterministic": medians["hand-written"] / medians["deterministic"],
+        "batch_size": args.batch_size,
+        "steps_per_repeat": args.steps,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "machine": platform.processor() or platform.machine(),
+    }
+    for name, median in medians.items():
+        print(f"{name:>14}: {median:7.2f} ms/step (median of {args.repeats})")
+    print(f"pyro_bc / hand-written: {result['ratio_pyro_bc_to_hand_written']:.2f}")
+    print(f"hand-written / deterministic: {result['ratio_hand_written_to_deterministic']:.2f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
