@@ -42,13 +42,10 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -65,6 +62,7 @@ from .compress import (
     dequantize,
     fixed_point_width,
 )
+from .files import write_atomically
 
 FORMAT = "pyro_bc.compressed"
 VERSION = "1"
@@ -160,18 +158,7 @@ def save(network: CompressedNetwork, path) -> int:
         pyro_bc.codec.save(compressed, "lenet300.bc")
     """
     data = encode(network)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, data)
     return len(data)
 
 

@@ -432,12 +432,25 @@ def significand_bits(weight_var: torch.Tensor) -> int:
 
         significand_bits(torch.tensor([1e-3, 1e-5]))  # per weight 8 and 15 -> ceil(11.5) = 12
     """
-    two_var = 2 * weight_var.detach().double().flatten()
-    if two_var.numel() == 0:
+    if weight_var.numel() == 0:
         raise ValueError("significand_bits: the layer has no kept weights")
-    counts = sum((two_var < 2.0**-t).long() for t in range(1, MAX_FRACTION_BITS + 1))
+    counts = weight_bits(weight_var).flatten()
     total, n = int(counts.sum()), counts.numel()
     return -(-total // n)  # exact integer ceiling of the mean
+
+
+def weight_bits(weight_var: torch.Tensor) -> torch.Tensor:
+    """Per weight, the number of ``t`` in 1..23 with ``2 Var[w] < 2^-t``: the bits it deserves.
+
+    The per-weight half of :func:`significand_bits` (which takes the ceiling of their mean over a
+    layer's kept weights); same shape as ``weight_var``, dtype int64.
+
+    Example::
+
+        weight_bits(torch.tensor([1e-3, 1e-5, 0.3]))  # tensor([ 8, 15,  0])
+    """
+    two_var = 2 * weight_var.detach().double()
+    return sum((two_var < 2.0**-t).long() for t in range(1, MAX_FRACTION_BITS + 1))
 
 
 def exponent_bits(max_abs_weight: float) -> int:
@@ -629,7 +642,7 @@ def _normal_of(posteriors, site):
             f"compress: site {site!r} has a {type(base).__name__} posterior; compress needs "
             "a Normal for weights and biases"
         )
-    return base.loc.detach().double(), base.scale.detach().double().pow(2)
+    return base.loc.detach().double(), base.variance.detach().double()
 
 
 def _summarise(layer, posteriors):
@@ -823,17 +836,9 @@ def compress(
         print(compressed.report)   # architecture 784-300-100 -> 278-98-13, rates, bits, error
         compressed.save("lenet300.bc")
     """
-    model = _model_of(guide)
-    chain = _chain(model)
-    layers = [m for _, m in chain if isinstance(m, BayesianLayer)]
-    if not layers:
-        raise ValueError(f"compress: {type(model).__name__} has no pyro_bc Bayesian layers")
-    shape_in = _input_shape(model, chain, input_shape)
-    shapes = _trace_shapes(chain, shape_in)
-    posteriors = guide.distributions()
-    summaries = {layer.site(): _summarise(layer, posteriors) for layer in layers}
-    chosen = _resolve_thresholds(thresholds, {k: s.log_alpha for k, s in summaries.items()})
-    plans = _plan_masks(chain, shapes, summaries, chosen)
+    model, chain, shape_in, shapes, summaries, chosen, plans = _analyse(
+        guide, thresholds, input_shape
+    )
     kept = {site: _thin(summaries[site], plans[site]) for site in plans}
     frac_bits = _resolve_bits(bits, kept)
     quantized = [kept[site][0] for site, t in frac_bits.items() if t is not None]
@@ -864,6 +869,106 @@ def compress(
     network.eval()
     network.report = _make_report(network, layer_reports, e, shape_in, model, guide, test_loader)
     return network
+
+
+def _analyse(guide, thresholds, input_shape):
+    """Steps 1 and 2 of :func:`compress` (summaries, thresholds, masks), shared with
+    :func:`group_masks` so that plots show exactly the masks compress applies."""
+    model = _model_of(guide)
+    chain = _chain(model)
+    layers = [m for _, m in chain if isinstance(m, BayesianLayer)]
+    if not layers:
+        raise ValueError(f"compress: {type(model).__name__} has no pyro_bc Bayesian layers")
+    shape_in = _input_shape(model, chain, input_shape)
+    shapes = _trace_shapes(chain, shape_in)
+    posteriors = guide.distributions()
+    summaries = {layer.site(): _summarise(layer, posteriors) for layer in layers}
+    chosen = _resolve_thresholds(thresholds, {k: s.log_alpha for k, s in summaries.items()})
+    plans = _plan_masks(chain, shapes, summaries, chosen)
+    return model, chain, shape_in, shapes, summaries, chosen, plans
+
+
+@dataclass
+class LayerMasks:
+    """What :func:`compress` keeps of one Bayesian layer, and the posterior summaries behind it.
+
+    Masks are boolean, ``True`` = kept, after propagation through the chain (a unit no later
+    layer reads is removed even if its own group is kept). ``weight_mean`` and ``weight_var``
+    are ``E[w]`` and ``Var[w]`` of the whole (unpruned) weight tensor, float64, shaped like the
+    layer's weights: ``(out, in)`` for dense layers, ``(out, in, kh, kw)`` for convolutions.
+
+    :ivar name: the layer's site prefix, e.g. ``"fc1"``.
+    :ivar kind: ``"dense"`` (groups are the inputs) or ``"conv"`` (groups are the filters).
+    :ivar log_alpha: the pruning quantity of every group (``prior.log_dropout_rate``).
+    :ivar threshold: the threshold applied; a group is pruned when ``log_alpha >= threshold``.
+    :ivar threshold_rule: ``"default"``, ``"given"``, ``"auto"`` or ``"auto: one mode, default"``.
+    :ivar below_threshold: ``log_alpha < threshold``: the groups the layer's own posterior keeps.
+    :ivar in_keep: the kept inputs (dense: input features; conv: input channels).
+    :ivar out_keep: the kept outputs (dense: output units; conv: filters).
+
+    Example::
+
+        fc1 = group_masks(guide)["fc1"]
+        fc1.groups_kept.sum(), fc1.out_keep.sum()  # e.g. (tensor(278), tensor(300))
+    """
+
+    name: str
+    kind: str
+    log_alpha: torch.Tensor
+    threshold: float
+    threshold_rule: str
+    below_threshold: torch.Tensor
+    in_keep: torch.Tensor
+    out_keep: torch.Tensor
+    weight_mean: torch.Tensor
+    weight_var: torch.Tensor
+
+    @property
+    def groups_kept(self) -> torch.Tensor:
+        """The kept groups: ``in_keep`` for dense layers, ``out_keep`` for convolutions."""
+        return self.in_keep if self.kind == "dense" else self.out_keep
+
+    @property
+    def weight_kept(self) -> torch.Tensor:
+        """A boolean mask shaped like the weights: the weights the thinned layer holds."""
+        kept = self.out_keep[:, None] & self.in_keep[None, :]
+        return kept.reshape(kept.shape + (1,) * (self.weight_mean.dim() - 2)).expand(
+            self.weight_mean.shape
+        )
+
+
+@torch.no_grad()
+def group_masks(guide, thresholds=None, *, input_shape=None) -> dict:
+    """The masks :func:`compress` would apply, per Bayesian layer: ``{name: LayerMasks}``.
+
+    Same arguments and same computation as :func:`compress` (``thresholds`` as there), without
+    building the network: for plots and for inspecting a posterior before compressing it.
+
+    Example::
+
+        masks = group_masks(guide, thresholds="auto")
+        {name: int(m.groups_kept.sum()) for name, m in masks.items()}  # {'fc1': 278, ...}
+    """
+    _, chain, _, _, summaries, chosen, plans = _analyse(guide, thresholds, input_shape)
+    masks = {}
+    for _, module in chain:
+        if not isinstance(module, BayesianLayer):
+            continue
+        site = module.site()
+        summary, plan, (threshold, rule) = summaries[site], plans[site], chosen[site]
+        masks[site] = LayerMasks(
+            name=site,
+            kind="dense" if isinstance(module, BayesianLinear) else "conv",
+            log_alpha=summary.log_alpha.clone(),
+            threshold=threshold,
+            threshold_rule=rule,
+            below_threshold=summary.log_alpha < threshold,
+            in_keep=plan.in_keep.clone(),
+            out_keep=plan.out_keep.clone(),
+            weight_mean=summary.weight_mean.clone(),
+            weight_var=summary.weight_var.clone(),
+        )
+    return masks
 
 
 def _unique(name, taken):

@@ -40,6 +40,8 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from .files import write_atomically
+
 __all__ = [
     "MNISTData",
     "MNISTDownloadError",
@@ -196,7 +198,7 @@ def write_idx(path: str | os.PathLike, tensor: torch.Tensor, *, compress: bool =
     raw = header + tensor.contiguous().numpy().tobytes()
     if compress:
         raw = gzip.compress(raw, compresslevel=9, mtime=0)
-    _write_atomically(Path(path), raw)
+    write_atomically(Path(path), raw)
 
 
 def _decompress(content: bytes, source: str | os.PathLike) -> bytes:
@@ -247,19 +249,6 @@ def _parse_idx(raw: bytes, source: str | os.PathLike) -> torch.Tensor:
 
 def _sha256(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
-
-
-def _write_atomically(path: Path, content: bytes) -> None:
-    # Write next to the target so os.replace stays on one file system and is atomic;
-    # the pid keeps concurrent writers apart, and plain open() honours the umask.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(content)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------
@@ -345,7 +334,7 @@ def _download_file(root: Path, base_name: str, mirrors: tuple[str, ...]) -> None
                 f"expected {MNIST_SHA256[base_name]}"
             )
             continue
-        _write_atomically(target, content)
+        write_atomically(target, content)
         return
     raise MNISTDownloadError(
         f"Could not download {target.name} into {root}:\n  "

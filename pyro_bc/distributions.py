@@ -7,15 +7,18 @@ Importing this module registers, with :func:`torch.distributions.kl.register_kl`
 - ``Normal || ImproperLogUniform``: the Molchanov et al. (2017) approximation (group
   normal-Jeffreys prior, "group variational dropout");
 - ``LogNormal || Gamma`` and ``LogNormal || InverseGamma``: exact (group horseshoe written as
-  a product of Gamma and inverse-Gamma scale factors).
+  a product of Gamma and inverse-Gamma scale factors);
+- ``NormalLogVar || StandardNormal``: exact, from the log-variance directly (the weights).
 
 The pairs are registered on the :mod:`torch.distributions` base classes, so Pyro's subclasses
 (``pyro.distributions.Normal``, ``LogNormal``, ``Gamma``, ``InverseGamma``) dispatch to them,
 and Pyro's own ``Independent || Independent`` rule makes ``.to_event(n)`` forms work too.
 """
 
+import functools
 import math
 
+import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro.distributions import TorchDistribution
@@ -23,7 +26,7 @@ from pyro.distributions.util import broadcast_shape
 from torch.distributions import Gamma, InverseGamma, LogNormal, Normal, constraints
 from torch.distributions.kl import register_kl
 
-__all__ = ["ImproperLogUniform", "log_alpha", "molchanov_kl"]
+__all__ = ["ImproperLogUniform", "NormalLogVar", "StandardNormal", "log_alpha", "molchanov_kl"]
 
 # Constants of Molchanov, Ashukha & Vetrov (2017), "Variational Dropout Sparsifies DNNs", eq. 14.
 _K1, _K2, _K3 = 0.63576, 1.87320, 1.48695
@@ -101,6 +104,70 @@ class ImproperLogUniform(TorchDistribution):
         return torch.ones(torch.Size(sample_shape) + self.batch_shape)
 
 
+class NormalLogVar(dist.Normal):
+    """A Normal given by its mean and log-variance, which it keeps for closed forms.
+
+    The guides parameterise variances by their logarithm. Keeping it spares the KL a
+    ``log(scale^2)`` per weight and step, and the standard deviation is only computed when
+    something asks for it: under local reparameterization nothing does.
+
+    Example::
+
+        q = NormalLogVar(torch.zeros(3), torch.full((3,), -9.0))
+        kl = torch.distributions.kl_divergence(q, StandardNormal((3,)))
+    """
+
+    def __init__(self, loc, log_var, validate_args=None):
+        self.loc, self.log_var = torch.broadcast_tensors(loc, log_var)
+        torch.distributions.Distribution.__init__(
+            self, self.loc.shape, validate_args=validate_args
+        )
+
+    @functools.cached_property
+    def variance(self):
+        return self.log_var.exp()
+
+    @functools.cached_property
+    def scale(self):
+        return (0.5 * self.log_var).exp()
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        return NormalLogVar(
+            self.loc.expand(batch_shape),
+            self.log_var.expand(batch_shape),
+            validate_args=self.__dict__.get("_validate_args"),
+        )
+
+
+class StandardNormal(dist.Normal):
+    """``N(0, 1)`` with a batch shape: the prior of the non-centred weights ``theta``.
+
+    Example::
+
+        theta_prior = StandardNormal((300, 784)).to_event(2)
+    """
+
+    def __init__(self, batch_shape=(), *, like=None, validate_args=None):
+        like = torch.zeros(()) if like is None else like
+        zero = torch.zeros((), dtype=like.dtype, device=like.device)
+        batch_shape = torch.Size(batch_shape)
+        super().__init__(
+            zero.expand(batch_shape), (zero + 1).expand(batch_shape), validate_args=validate_args
+        )
+
+    def expand(self, batch_shape, _instance=None):
+        return StandardNormal(
+            batch_shape, like=self.loc, validate_args=self.__dict__.get("_validate_args")
+        )
+
+
+@register_kl(NormalLogVar, StandardNormal)
+def _kl_normal_log_var_standard_normal(p, q):
+    kl = 0.5 * (p.loc.pow(2) + p.variance - 1 - p.log_var)
+    return kl.expand(broadcast_shape(p.batch_shape, q.batch_shape))
+
+
 def log_alpha(loc, scale):
     """
     Numerically stable dropout rate ``log alpha = log(scale^2 / loc^2)`` of ``N(loc, scale^2)``.
@@ -147,7 +214,11 @@ def molchanov_kl(log_alpha):
 
 @register_kl(Normal, ImproperLogUniform)
 def _kl_normal_improper_log_uniform(p, q):
-    kl = molchanov_kl(log_alpha(p.loc, p.scale))
+    if isinstance(p, NormalLogVar):
+        tiny = torch.finfo(p.loc.dtype).tiny
+        kl = molchanov_kl(p.log_var - 2 * p.loc.abs().clamp_min(tiny).log())
+    else:
+        kl = molchanov_kl(log_alpha(p.loc, p.scale))
     return kl.expand(broadcast_shape(p.batch_shape, q.batch_shape))
 
 

@@ -18,6 +18,7 @@ from pyro.poutine.messenger import Messenger
 from torch import nn
 from torch.distributions import biject_to, constraints
 
+from .distributions import NormalLogVar
 from .nn import BayesianLayer
 
 #: the role a guide marks its weight and bias sites with (``infer={"bc_role": ...}``)
@@ -65,8 +66,9 @@ class _NormalFactor(nn.Module):
         log_var = self.log_var
         if self.max_log_var is not None:
             log_var = log_var.clamp(max=self.max_log_var)
-        family = dist.LogNormal if self.log_normal else dist.Normal
-        return family(self.loc, (0.5 * log_var).exp()).to_event(self.event_dim)
+        if self.log_normal:
+            return dist.LogNormal(self.loc, (0.5 * log_var).exp()).to_event(self.event_dim)
+        return NormalLogVar(self.loc, log_var).to_event(self.event_dim)
 
 
 class LayerPosterior(nn.Module):

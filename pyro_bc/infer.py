@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from tqdm.auto import tqdm
 
 from . import poutine as bc_poutine
 from .elbo import MeanFieldELBO
+from .files import torch_save_atomically
 
 
 class _ObservedLogits(Messenger):
@@ -107,6 +107,7 @@ def fit(
     seed: int | None = None,
     max_steps: int | None = None,
     progress: bool = True,
+    metadata: dict | None = None,
 ) -> History:
     """Trains ``guide`` by stochastic variational inference with ``TraceMeanField_ELBO``.
 
@@ -124,6 +125,8 @@ def fit(
         resumed run gives the same parameters as an uninterrupted one.
     :param seed: seeds every epoch (``seed + epoch``), so runs and resumed runs are reproducible.
     :param max_steps: stop every epoch after this many steps (quick runs and smoke tests).
+    :param metadata: plain data (str, numbers, lists, dicts) stored in the checkpoint, e.g. how
+        to rebuild the model (``pyro-bc compress`` reads it).
 
     Example::
 
@@ -186,7 +189,7 @@ def fit(
         if progress:
             tqdm.write(_format_record(record))
         if checkpoint is not None:
-            save_checkpoint(checkpoint, guide, step.optimizer, epoch + 1, history)
+            save_checkpoint(checkpoint, guide, step.optimizer, epoch + 1, history, metadata)
         if callback is not None:
             callback(epoch + 1, record)
     return history
@@ -274,30 +277,16 @@ def evaluate(model, guide, loader, *, num_samples: int = 0) -> dict:
     return result
 
 
-def atomic_save(obj, path):
-    """``torch.save`` to a temporary file in the same folder, then rename: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def save_checkpoint(path, guide, optimizer, epoch, history):
-    """Writes guide and optimizer state, epoch, history and random state (atomically)."""
-    atomic_save(
+def save_checkpoint(path, guide, optimizer, epoch, history, metadata=None):
+    """Writes guide and optimizer state, epoch, history, random state and metadata (atomically)."""
+    torch_save_atomically(
         {
             "guide": guide.state_dict(),
             "optimizer": optimizer.state_dict(),
             "epoch": epoch,
             "history": list(history.epochs),
             "rng": torch.get_rng_state(),
+            "metadata": dict(metadata or {}),
         },
         path,
     )

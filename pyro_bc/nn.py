@@ -19,6 +19,7 @@ from pyro.nn import PyroModule
 from pyro.poutine.runtime import effectful
 from torch import nn
 
+from .distributions import StandardNormal
 from .priors import GroupNormalJeffreys, as_prior
 
 
@@ -38,8 +39,8 @@ class BayesianLayer(PyroModule):
         self.weight_shape = torch.Size(weight_shape)
         self.num_groups = num_groups
         self.has_bias = bias
+        # follows the layer's device and dtype, for the prior of theta
         self.register_buffer("_zero", torch.zeros(()), persistent=False)
-        self.register_buffer("_one", torch.ones(()), persistent=False)
 
     @property
     def bias_shape(self) -> torch.Size:
@@ -63,7 +64,7 @@ class BayesianLayer(PyroModule):
         return preactivation(self, x, z, weight, bias)
 
     def _standard_normal(self, shape):
-        return dist.Normal(self._zero, self._one).expand(shape).to_event(len(shape))
+        return StandardNormal(shape, like=self._zero).to_event(len(shape))
 
     def apply(self, x, z, weight, bias):
         """The layer's output for group scale ``z`` (``(G,)`` or per example ``(B, G)``)."""

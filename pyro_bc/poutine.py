@@ -72,7 +72,7 @@ def _normal_moments(fn, site):
             f"site {site!r}: the guide's distribution is {type(base).__name__}, but computing "
             "layer outputs from the posterior needs a Normal"
         )
-    return base.loc, base.scale.pow(2)
+    return base.loc, base.variance
 
 
 class _PosteriorRecorder(Messenger):
