@@ -26,9 +26,10 @@ from pathlib import Path
 import pyro
 import torch
 import torch.nn.functional as F
-from pyro_bc.models import LeNet300100
 
 import pyro_bc
+from pyro_bc.infer import adam
+from pyro_bc.models import LeNet300100
 from pyro_bc.priors import GroupNormalJeffreys
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
@@ -89,21 +90,16 @@ class HandWrittenGNJ(torch.nn.Module):
         return nll + kl
 
 
-def adam(params):
-    """The optimizer of all three: Adam, lr 1e-3, fused where torch offers it."""
-    return torch.optim.Adam(params, lr=1e-3, fused=True)
-
-
 def step_pyro_bc(batch, dataset_size):
     model = LeNet300100(prior=GroupNormalJeffreys(), dataset_size=dataset_size)
     guide = pyro_bc.StructuredGuide(model, clip_var={"fc1": 0.04})
-    step = pyro_bc.infer.TrainingStep(model, guide, optimizer=adam(guide.parameters()))
+    step = pyro_bc.infer.TrainingStep(model, guide, lr=1e-3)
     return (lambda x, y: step(x, y)[0]), batch
 
 
 def step_hand_written(batch, dataset_size):
     net = HandWrittenGNJ(dataset_size)
-    optimizer = adam(net.parameters())
+    optimizer = adam(net.parameters(), lr=1e-3)
 
     def step(x, y):
         loss = net.loss(x, y)
@@ -117,7 +113,7 @@ def step_hand_written(batch, dataset_size):
 
 def step_deterministic(batch, dataset_size):
     net = LeNet300100.deterministic()
-    optimizer = adam(net.parameters())
+    optimizer = adam(net.parameters(), lr=1e-3)
 
     def step(x, y):
         loss = F.cross_entropy(net(x), y)

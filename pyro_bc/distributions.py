@@ -26,7 +26,15 @@ from pyro.distributions.util import broadcast_shape
 from torch.distributions import Gamma, InverseGamma, LogNormal, Normal, constraints
 from torch.distributions.kl import register_kl
 
-__all__ = ["ImproperLogUniform", "NormalLogVar", "StandardNormal", "log_alpha", "molchanov_kl"]
+__all__ = [
+    "ImproperLogUniform",
+    "NormalLogVar",
+    "StandardNormal",
+    "log_alpha",
+    "molchanov_kl",
+    "normal_moments",
+    "unwrap",
+]
 
 # Constants of Molchanov, Ashukha & Vetrov (2017), "Variational Dropout Sparsifies DNNs", eq. 14.
 _K1, _K2, _K3 = 0.63576, 1.87320, 1.48695
@@ -119,9 +127,7 @@ class NormalLogVar(dist.Normal):
 
     def __init__(self, loc, log_var, validate_args=None):
         self.loc, self.log_var = torch.broadcast_tensors(loc, log_var)
-        torch.distributions.Distribution.__init__(
-            self, self.loc.shape, validate_args=validate_args
-        )
+        torch.distributions.Distribution.__init__(self, self.loc.shape, validate_args=validate_args)
 
     @functools.cached_property
     def variance(self):
@@ -166,6 +172,36 @@ class StandardNormal(dist.Normal):
 def _kl_normal_log_var_standard_normal(p, q):
     kl = 0.5 * (p.loc.pow(2) + p.variance - 1 - p.log_var)
     return kl.expand(broadcast_shape(p.batch_shape, q.batch_shape))
+
+
+def unwrap(fn):
+    """The distribution inside any ``.to_event(...)`` wrappers.
+
+    Example::
+
+        unwrap(dist.Normal(0.0, 1.0).expand([3]).to_event(1))   # Normal, batch shape (3,)
+    """
+    while isinstance(fn, torch.distributions.Independent):
+        fn = fn.base_dist
+    return fn
+
+
+def normal_moments(fn, site: str):
+    """Mean and variance of a (possibly ``.to_event``) Normal ``fn`` at ``site``.
+
+    :raises ValueError: naming the site, if ``fn`` is not a Normal.
+
+    Example::
+
+        loc, var = normal_moments(guide.distributions()["fc1.weight"], "fc1.weight")
+    """
+    base = unwrap(fn)
+    if not isinstance(base, Normal):
+        raise ValueError(
+            f"site {site!r}: the guide's distribution is {type(base).__name__}; posterior means "
+            "and variances of weights and biases need a Normal"
+        )
+    return base.loc, base.variance
 
 
 def log_alpha(loc, scale):

@@ -194,8 +194,6 @@ class StructuredGuide(nn.Module):
 
             guide.init_from(trained_lenet)
         """
-        from .priors import as_prior
-
         bayesian = {m.site(): m for m in self.model.modules() if isinstance(m, BayesianLayer)}
         for posterior in self.layers:
             layer = bayesian[posterior.name]
@@ -213,7 +211,7 @@ class StructuredGuide(nn.Module):
                     f"{None if weight is None else tuple(weight.shape)}"
                 )
             scale_posteriors = {f.site: f.distribution() for f in posterior.scale_factors}
-            mean_z, _ = as_prior(layer.prior).scale_moments(
+            mean_z, _ = layer.prior.scale_moments(
                 posterior.name, layer.num_groups, scale_posteriors
             )
             mean_z = mean_z[None, :] if layer.group_side == "input" else mean_z[:, None]

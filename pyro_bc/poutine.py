@@ -23,6 +23,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
 
+from .distributions import normal_moments
 from .guides import WEIGHT_ROLE
 
 
@@ -63,18 +64,6 @@ def draw_group_scale(prior, name, num_groups, posteriors, num_draws):
         return prior(name, num_groups)
 
 
-def _normal_moments(fn, site):
-    base = fn
-    while isinstance(base, torch.distributions.Independent):
-        base = base.base_dist
-    if not isinstance(base, torch.distributions.Normal):
-        raise TypeError(
-            f"site {site!r}: the guide's distribution is {type(base).__name__}, but computing "
-            "layer outputs from the posterior needs a Normal"
-        )
-    return base.loc, base.variance
-
-
 class _PosteriorRecorder(Messenger):
     """Records the guide's distribution of every site it sees sampled (not replayed)."""
 
@@ -92,12 +81,12 @@ class _PosteriorRecorder(Messenger):
             msg["done"] = True
 
     def _layer_posterior(self, layer):
-        weight_loc, weight_var = _normal_moments(
+        weight_loc, weight_var = normal_moments(
             self._posterior(layer.site("weight")), layer.site("weight")
         )
         bias_loc = bias_var = None
         if layer.has_bias:
-            bias_loc, bias_var = _normal_moments(
+            bias_loc, bias_var = normal_moments(
                 self._posterior(layer.site("bias")), layer.site("bias")
             )
         return weight_loc, weight_var, bias_loc, bias_var

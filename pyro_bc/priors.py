@@ -24,7 +24,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from .distributions import ImproperLogUniform
+from .distributions import ImproperLogUniform, unwrap
 
 MOMENT_SAMPLES = 4096
 
@@ -120,7 +120,7 @@ class GroupNormalJeffreys(GroupPrior):
         }
 
     def scale_moments(self, name, num_groups, posteriors):
-        q = _base(posteriors[f"{name}.scale"])
+        q = unwrap(posteriors[f"{name}.scale"])
         return q.loc, q.scale.pow(2)
 
 
@@ -137,6 +137,11 @@ class GroupHorseshoe(GroupPrior):
 
     The guide starts every group scale at 1 (``s_a`` at ``tau0^2``, ``s_b`` at ``1/tau0^2``) so
     that, as for the normal-Jeffreys prior, the initial weights are the means of ``theta``.
+
+    Pruning quantity (:meth:`log_dropout_rate`): the log "dropout rate" of the effective scale,
+    ``log(Var[z_i] / E[z_i]^2) = log(exp(V_i) - 1)`` with ``V_i`` the variance of ``log z_i``,
+    the same quantity as the normal-Jeffreys prior's ``log alpha`` (a group whose scale the data
+    do not pin down is noise); :func:`pyro_bc.plots.pruning_histograms` draws its histogram.
 
     Example::
 
@@ -170,7 +175,7 @@ class GroupHorseshoe(GroupPrior):
     def log_scale_posterior(self, name, posteriors):
         """Mean and variance of ``log z_i`` (each group's effective scale) under the guide."""
         factors = [
-            _base(posteriors[f"{name}.{part}"])
+            unwrap(posteriors[f"{name}.{part}"])
             for part in ("global_a", "global_b", "local_a", "local_b")
         ]
         mean = sum(f.loc for f in factors) / 2
@@ -232,9 +237,3 @@ class RegularizedHorseshoe(GroupHorseshoe):
             f"RegularizedHorseshoe(tau0={self.tau0:g}, slab_scale={self.slab_scale:g}, "
             f"slab_df={self.slab_df:g})"
         )
-
-
-def _base(fn):
-    while isinstance(fn, torch.distributions.Independent):
-        fn = fn.base_dist
-    return fn

@@ -10,11 +10,11 @@ import safetensors.numpy
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pyro_bc.models import LeNet5Caffe, LeNet300100
 from torch import nn
 
 import pyro_bc
 from pyro_bc.codec import CompressedFileError, decode, encode, pack_bits, unpack_bits
+from pyro_bc.models import LeNet5Caffe, LeNet300100
 from pyro_bc.nn import BayesianConv2d, BayesianLinear, BayesianNetwork
 
 

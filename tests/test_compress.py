@@ -5,7 +5,6 @@ from collections import OrderedDict
 import pyro
 import pytest
 import torch
-from pyro_bc.models import LeNet5Caffe, LeNet300100
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -20,6 +19,7 @@ from pyro_bc.compress import (
     quantize,
     significand_bits,
 )
+from pyro_bc.models import LeNet5Caffe, LeNet300100
 from pyro_bc.nn import BayesianConv2d, BayesianLinear, BayesianNetwork
 
 PRUNED_LOG_VAR = 2.0  # log alpha = 2 - log(mu_z^2) >= -3 for mu_z near 1: pruned
@@ -310,7 +310,9 @@ def test_thresholds_number_dict_and_default():
             scale.loc.fill_(1.0)
             scale.log_var.copy_(torch.linspace(-8, 2, scale.log_var.numel()))
     default = pyro_bc.compress(guide, bits=None).report.layers[2]
-    assert default.threshold == DEFAULT_THRESHOLD and default.threshold_rule == "default"
+    # one mode (a uniform spread): the valley rule falls back to the authors' -3
+    assert default.threshold == DEFAULT_THRESHOLD
+    assert default.threshold_rule == "auto: one mode, default"
     assert default.groups_below_threshold == 50  # linspace(-8, 2, 100) < -3: the first half
     report = pyro_bc.compress(guide, {"fc3": -5.0}, bits=None).report
     assert [layer.threshold for layer in report.layers] == [-3.0, -3.0, -5.0]
@@ -330,6 +332,10 @@ def test_auto_threshold_finds_the_valley_between_two_modes():
     valley = histogram_valley(torch.cat([kept, pruned, torch.tensor([math.inf])]))
     assert -5.5 < valley < 0.5
     assert histogram_valley(torch.randn(500, generator=g)) is None  # one mode
+    # two bumps closer than MIN_MODE_SEPARATION (early training) are not kept and pruned modes
+    close = torch.cat([-8 + 0.3 * torch.randn(300, generator=g), -6 + 0.3 * torch.randn(300)])
+    assert histogram_valley(close) is None
+    assert histogram_valley(close, min_separation=1.0) is not None
     model = LeNet300100()
     guide = pyro_bc.StructuredGuide(model)
     with torch.no_grad():

@@ -3,10 +3,10 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import TraceMeanField_ELBO
-from pyro_bc.models import LeNet300100
 
 import pyro_bc
 from pyro_bc.elbo import MeanFieldELBO
+from pyro_bc.models import LeNet300100
 from pyro_bc.nn import BayesianLinear, BayesianNetwork
 from pyro_bc.poutine import local_reparameterization
 

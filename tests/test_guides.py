@@ -4,9 +4,9 @@ import pyro
 import pytest
 import torch
 from pyro.infer import TraceMeanField_ELBO
-from pyro_bc.models import LeNet5Caffe, LeNet300100
 
 import pyro_bc
+from pyro_bc.models import LeNet5Caffe, LeNet300100
 from pyro_bc.nn import BayesianLinear
 from pyro_bc.poutine import posterior_mean
 

@@ -1,10 +1,10 @@
 import pytest
 import torch
-from pyro_bc.models import LeNet300100
 from torch.utils.data import DataLoader, TensorDataset
 
 import pyro_bc
 from pyro_bc.data import load_mnist_subset
+from pyro_bc.models import LeNet300100
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pyro.infer import TraceMeanField_ELBO
-from pyro_bc.models import LeNet300100
 
 import pyro_bc
+from pyro_bc.models import LeNet300100
 from pyro_bc.nn import BayesianConv2d, BayesianLinear
 from pyro_bc.poutine import local_reparameterization, posterior_mean
 

@@ -6,9 +6,9 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import TraceMeanField_ELBO
-from pyro_bc.models import LeNet5Caffe
 
 import pyro_bc
+from pyro_bc.models import LeNet5Caffe
 from pyro_bc.nn import BayesianLinear
 from pyro_bc.poutine import draw_group_scale, local_reparameterization
 from pyro_bc.priors import GroupHorseshoe, GroupNormalJeffreys, RegularizedHorseshoe

@@ -1,0 +1,616 @@
+"""Figures of a Bayesian-compression run: what was pruned, why, and how many bits are left.
+
+Every function returns a :class:`matplotlib.figure.Figure` built without pyplot (so it is safe in
+scripts, tests and headless servers and never opens a window), and saves it when given ``path``
+(written to a temporary file first, then renamed, so a reader never sees half a PNG). In a
+notebook the returned figure displays itself.
+
+The masks drawn are those :func:`pyro_bc.compress` applies: they come from
+:func:`pyro_bc.compress.group_masks`, which runs compress's own analysis. Pass either the
+``thresholds`` you would pass to compress, or the ``compressed`` network itself (its report
+holds the thresholds it used).
+
+Example::
+
+    from pyro_bc import plots
+
+    compressed = pyro_bc.compress(guide, thresholds="auto")
+    plots.weight_matrices(guide, compressed, path="weights.png")
+    plots.pruning_histograms(guide, compressed=compressed)
+    plots.bits_per_layer(compressed)
+    plots.training_curves(history)
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+from .compress import compress, group_masks, histogram_valley, significand_bits, weight_bits
+from .files import write_atomically
+
+__all__ = [
+    "BitSweep",
+    "bit_sweep",
+    "bits_histograms",
+    "bits_per_layer",
+    "error_vs_bits",
+    "pruning_histograms",
+    "training_curves",
+    "weight_matrices",
+]
+
+#: colour of pruned rows, columns and filters, drawn over the weights
+PRUNED_RGBA = (0.82, 0.82, 0.82, 0.93)
+KEPT_COLOR = "tab:blue"
+PRUNED_COLOR = "tab:red"
+#: the label of the image that marks pruned weights (tests and users can find it by label)
+PRUNED_LABEL = "pruned"
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def _save(fig: Figure, path, dpi: int = 120) -> None:
+    """Saves ``fig`` atomically (see :func:`pyro_bc.files.write_atomically`)."""
+    if path is None:
+        return
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix[1:].lower() or "png", dpi=dpi)
+    write_atomically(path, buffer.getvalue())
+
+
+def _masks(guide, compressed, thresholds, layers=None):
+    """compress's masks for ``guide``: under ``thresholds``, or those ``compressed`` used."""
+    input_shape = None
+    if compressed is not None:
+        if thresholds is not None:
+            raise ValueError(
+                "pass either compressed= (its report holds the thresholds) or thresholds=, not both"
+            )
+        report = getattr(compressed, "report", None)
+        if report is None:
+            raise ValueError(
+                "this CompressedNetwork has no report (a network read back with pyro_bc.load "
+                "does not know how it was made); pass the network compress() returned, or "
+                "thresholds="
+            )
+        thresholds = {layer.name: layer.threshold for layer in report.layers}
+        input_shape = compressed.input_shape
+    masks = group_masks(guide, thresholds, input_shape=input_shape)
+    if compressed is not None:
+        for layer in compressed.report.layers:
+            # how compress chose the threshold ("auto", "default", ...), not "given" as here
+            masks[layer.name].threshold_rule = layer.threshold_rule
+            kept = int(masks[layer.name].groups_kept.sum())
+            if kept != layer.groups_kept:
+                raise ValueError(
+                    f"layer {layer.name!r}: the guide now keeps {kept} groups at threshold "
+                    f"{layer.threshold:.3g}, the compressed network {layer.groups_kept}; the "
+                    "guide changed after compress(). Compress it again."
+                )
+    if layers is not None:
+        unknown = set(layers) - set(masks)
+        if unknown:
+            raise ValueError(
+                f"layers {sorted(unknown)} are not Bayesian layers of the model; it has "
+                f"{list(masks)}"
+            )
+        masks = {name: masks[name] for name in layers}
+    return masks
+
+
+def _finite(values: torch.Tensor) -> np.ndarray:
+    """``values`` as float64 numpy with infinities clamped to the finite range (for histograms)."""
+    v = values.detach().double().cpu().numpy()
+    finite = v[np.isfinite(v)]
+    if finite.size == 0:
+        return np.zeros_like(v)
+    return np.clip(v, finite.min(), finite.max())
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight matrices
+
+
+def _dense_picture(m):
+    """The dense layer as drawn: rows = output units, columns = input features (its groups)."""
+    values = m.weight_mean.detach().cpu().numpy()
+    pruned = ~(m.out_keep[:, None] & m.in_keep[None, :]).cpu().numpy()
+    return values, pruned
+
+
+def _conv_picture(m):
+    """A mosaic of kernels: one column of blocks per filter (its groups), one row per input
+    channel, a one-pixel gap (NaN, drawn blank) between blocks."""
+    w = m.weight_mean.detach().cpu().numpy()
+    out_c, in_c, kh, kw = w.shape
+    # (in, kh + 1, out, kw + 1) with a NaN row and column after each kernel, then flattened
+    padded = np.full((in_c, kh + 1, out_c, kw + 1), np.nan)
+    padded[:, :kh, :, :kw] = w.transpose(1, 2, 0, 3)
+    pruned_blocks = ~(m.in_keep.cpu().numpy()[:, None] & m.out_keep.cpu().numpy()[None, :])
+    pruned = np.zeros(padded.shape, dtype=bool)
+    pruned[:, :kh, :, :kw] = pruned_blocks[:, None, :, None]
+    shape = (in_c * (kh + 1), out_c * (kw + 1))
+    return padded.reshape(shape)[:-1, :-1], pruned.reshape(shape)[:-1, :-1]
+
+
+def weight_matrices(
+    guide,
+    compressed=None,
+    *,
+    thresholds=None,
+    signed: bool = False,
+    layers=None,
+    path=None,
+) -> Figure:
+    """The posterior-mean weights of every Bayesian layer, with what compression removes greyed.
+
+    One panel per layer, every panel drawn so that **each column is one group** (the unit a
+    scale variable switches off):
+
+    - dense layers: the matrix ``E[w]`` with rows = output units and columns = inputs. Grey
+      columns are pruned groups (inputs); grey rows are outputs removed because the next layer
+      no longer reads them.
+    - convolutions: a mosaic of ``kh x kw`` kernels, one column of kernels per filter (its
+      groups), one row per input channel. Grey columns are pruned filters; grey rows are input
+      channels whose filter in the layer before was pruned.
+
+    The masks are exactly those of :func:`pyro_bc.compress` (via
+    :func:`~pyro_bc.compress.group_masks`).
+
+    :param guide: a trained :class:`~pyro_bc.StructuredGuide`.
+    :param compressed: the :class:`~pyro_bc.CompressedNetwork` compress returned for ``guide``;
+        its thresholds are used. Or give ``thresholds`` (as for compress; default -3).
+    :param signed: draw ``E[w]`` with a diverging colormap instead of ``|E[w]|``.
+    :param layers: names of the layers to draw (default: all).
+    :param path: if given, the figure is also saved there (PNG, atomically).
+
+    Example::
+
+        fig = plots.weight_matrices(guide, thresholds="auto", path="weights.png")
+    """
+    masks = _masks(guide, compressed, thresholds, layers)
+    pictures = {
+        name: _dense_picture(m) if m.kind == "dense" else _conv_picture(m)
+        for name, m in masks.items()
+    }
+    width = 10.0
+    # Dense panels get a fixed height (aspect "auto"); conv mosaics keep square kernels.
+    heights = []
+    for name, (values, _) in pictures.items():
+        if masks[name].kind == "dense":
+            heights.append(2.8)
+        else:
+            heights.append(
+                min(6.0, max(1.3, 0.8 * width * values.shape[0] / values.shape[1] + 0.9))
+            )
+    fig = Figure(figsize=(width, sum(heights) + 0.3), layout="constrained")
+    axes = fig.subplots(len(pictures), 1, squeeze=False, height_ratios=heights)[:, 0]
+    # Gaps between kernels are NaN: drawn in a colour no weight has (white is 0 in RdBu_r).
+    cmap = matplotlib.colormaps["RdBu_r" if signed else "viridis"].with_extremes(
+        bad="black" if signed else "white"
+    )
+    for ax, (name, (values, pruned)) in zip(axes, pictures.items(), strict=True):
+        m = masks[name]
+        shown = values if signed else np.abs(values)
+        kept_values = np.abs(values[~pruned & np.isfinite(values)])
+        # the 99th percentile, so that a few large weights do not wash out the rest
+        vmax = float(np.quantile(kept_values, 0.99)) if kept_values.size else 1.0
+        vmax = vmax if vmax > 0 else 1.0
+        vmin = -vmax if signed else 0.0
+        aspect = "auto" if m.kind == "dense" else "equal"
+        image = ax.imshow(
+            shown, cmap=cmap, vmin=vmin, vmax=vmax, aspect=aspect, interpolation="nearest"
+        )
+        overlay = np.zeros(pruned.shape + (4,))
+        overlay[pruned] = PRUNED_RGBA
+        ax.imshow(overlay, aspect=aspect, interpolation="nearest", label=PRUNED_LABEL)
+        colorbar = fig.colorbar(image, ax=ax, shrink=0.9, pad=0.01)
+        colorbar.set_label("E[w]" if signed else "|E[w]|")
+        groups, kept = m.log_alpha.numel(), int(m.groups_kept.sum())
+        if m.kind == "dense":
+            other, other_kept = m.out_keep.numel(), int(m.out_keep.sum())
+            ax.set_title(
+                f"{name} (dense {other}x{groups}): {kept}/{groups} inputs kept (grey columns "
+                f"pruned), {other_kept}/{other} outputs kept (grey rows)",
+                fontsize=10,
+            )
+            ax.set_xlabel("input = group")
+            ax.set_ylabel("output unit")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        else:
+            other, other_kept = m.in_keep.numel(), int(m.in_keep.sum())
+            ax.set_title(
+                f"{name} (conv): {kept}/{groups} filters kept (grey columns pruned), "
+                f"{other_kept}/{other} input channels kept (grey rows)",
+                fontsize=10,
+            )
+            kh, kw = m.weight_mean.shape[2:]
+            _block_ticks(ax.xaxis, groups, kw)
+            _block_ticks(ax.yaxis, other, kh)
+            ax.set_xlabel("filter = group")
+            ax.set_ylabel("input channel")
+    fig.suptitle(
+        "Posterior-mean weights" + ("" if signed else " (magnitude)") + "; grey = removed",
+        fontsize=11,
+    )
+    _save(fig, path)
+    return fig
+
+
+def _block_ticks(axis, count, size):
+    """Ticks at the centres of mosaic blocks, labelled with the block index (at most ~10)."""
+    step = max(1, math.ceil(count / 10))
+    index = np.arange(0, count, step)
+    axis.set_ticks(index * (size + 1) + (size - 1) / 2)
+    axis.set_ticklabels([str(i) for i in index])
+
+
+# ---------------------------------------------------------------------------------------------
+# Histograms of the pruning quantity
+
+
+def pruning_histograms(
+    guide,
+    thresholds=None,
+    *,
+    compressed=None,
+    bins: int = 50,
+    layers=None,
+    path=None,
+) -> Figure:
+    """Per layer, the histogram of the pruning quantity log alpha, with the threshold drawn.
+
+    ``log alpha = log Var[z] / E[z]^2`` of each group's scale (``prior.log_dropout_rate``): a
+    group whose scale is mostly noise has a large log alpha and is pruned. Groups kept are blue,
+    pruned red; the solid black line is the threshold compress applies (``thresholds`` as for
+    compress, or the ones ``compressed`` used). The dashed line is the valley ``"auto"`` would
+    choose, when the histogram has two modes and the threshold is elsewhere. The title counts the
+    layer's own groups on each side; propagation through the chain may remove a few more (noted
+    when it does). Infinite log alphas (a scale with mean 0) are counted in the last bin.
+
+    Example::
+
+        fig = plots.pruning_histograms(guide, thresholds={"fc1": -2.8, "fc3": -5})
+    """
+    masks = _masks(guide, compressed, thresholds, layers)
+    columns = min(len(masks), 3)
+    rows = math.ceil(len(masks) / columns)
+    fig = Figure(figsize=(4.2 * columns, 3.2 * rows), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).flatten()
+    for ax in axes[len(masks) :]:
+        ax.set_visible(False)
+    for ax, (name, m) in zip(axes, masks.items(), strict=False):
+        values = _finite(m.log_alpha)
+        below = m.below_threshold.cpu().numpy()
+        edges = _edges(values, m.threshold, bins)
+        ax.hist(values[below], bins=edges, color=KEPT_COLOR, label=f"kept ({below.sum()})")
+        ax.hist(values[~below], bins=edges, color=PRUNED_COLOR, label=f"pruned ({(~below).sum()})")
+        ax.axvline(
+            m.threshold,
+            color="black",
+            linewidth=1.5,
+            label=f"threshold {m.threshold:.3g} ({m.threshold_rule})",
+        )
+        valley = histogram_valley(m.log_alpha)
+        if valley is not None and abs(valley - m.threshold) > 1e-9:
+            ax.axvline(
+                valley, color="tab:orange", linestyle="--", label=f"valley ('auto') {valley:.3g}"
+            )
+        lines = [m.threshold] + ([] if valley is None else [valley])
+        pad = 0.03 * (max(edges[-1], *lines) - min(edges[0], *lines))
+        ax.set_xlim(min(edges[0], *lines) - pad, max(edges[-1], *lines) + pad)
+        title = f"{name}: {int(below.sum())} kept / {int((~below).sum())} pruned"
+        extra = int(below.sum()) - int(m.groups_kept.sum())
+        if extra:
+            title += f"\n({extra} more removed by the layer after)"
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("log alpha = log Var[z] / E[z]^2")
+        ax.set_ylabel("groups")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8)
+    _save(fig, path)
+    return fig
+
+
+def _edges(values, threshold, bins):
+    """Histogram bins over the data's range (so a narrow histogram keeps its shape), with the
+    threshold as an edge when it falls inside, so no bar mixes kept and pruned groups."""
+    lo, hi = float(values.min()), float(values.max())
+    if hi - lo < 1e-6:
+        lo, hi = lo - 0.5, hi + 0.5
+    if not lo < threshold < hi:
+        return np.linspace(lo, hi, bins + 1)
+    width = (hi - lo) / bins
+    left = max(1, round((threshold - lo) / width))
+    right = max(1, round((hi - threshold) / width))
+    return np.concatenate(
+        [np.linspace(lo, threshold, left + 1)[:-1], np.linspace(threshold, hi, right + 1)]
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Bits
+
+
+def bits_per_layer(compressed, *, path=None) -> Figure:
+    """Per layer, the fraction bits ``t`` and the bits per weight in the paper's and the file's
+    accounting, from ``compressed.report``.
+
+    Three bars per layer: ``t`` (fraction bits, PAPER.md's rule from the posterior variances),
+    ``1 + e + t`` (the paper's accounting: sign, one global exponent width ``e``, ``t``) and the
+    fixed-point width the ``.bc`` file really stores (sign, the integer bits the largest weight
+    needs, ``t``). A layer kept in float32 (``bits=None``) shows 32 and no ``t``.
+
+    Example::
+
+        fig = plots.bits_per_layer(pyro_bc.compress(guide))
+    """
+    report = getattr(compressed, "report", None)
+    if report is None:
+        raise ValueError(
+            "bits_per_layer needs the report of compress() (a network read back with "
+            "pyro_bc.load has none); pass the network compress() returned"
+        )
+    names = [layer.name for layer in report.layers]
+    series = {
+        "t (fraction bits)": [layer.frac_bits or 0 for layer in report.layers],
+        f"1 + e + t (paper, e = {report.exponent_bits})": [
+            layer.paper_bits for layer in report.layers
+        ],
+        "file width (.bc)": [layer.file_bits for layer in report.layers],
+    }
+    fig = Figure(figsize=(max(5.0, 1.6 * len(names) + 2.5), 3.6), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(names))
+    width = 0.27
+    for k, (label, values) in enumerate(series.items()):
+        bars = ax.bar(x + (k - 1) * width, values, width, label=label)
+        texts = [
+            "-" if k == 0 and layer.frac_bits is None else str(v)
+            for v, layer in zip(values, report.layers, strict=True)
+        ]
+        ax.bar_label(bars, texts, fontsize=8, padding=1)
+    ax.set_xticks(x, names)
+    ax.set_ylabel("bits per weight")
+    ax.set_ylim(0, max(max(v) for v in series.values()) * 1.2 + 1)
+    ax.set_title(
+        f"Bits per layer. Compression x{report.pruning_rate:.1f} after pruning, "
+        f"x{report.precision_rate:.1f} after precision, x{report.file_rate:.1f} as a file",
+        fontsize=10,
+    )
+    ax.legend(fontsize=8, loc="upper left")
+    _save(fig, path)
+    return fig
+
+
+def bits_histograms(guide, thresholds=None, *, compressed=None, layers=None, path=None) -> Figure:
+    """Per layer, how many bits each kept weight's posterior variance allows, and the layer's t.
+
+    A weight with posterior variance ``Var[w]`` deserves the ``t`` in 1..23 with
+    ``2 Var[w] < 2^-t`` (:func:`~pyro_bc.compress.weight_bits`): with the largest such ``t``,
+    rounding to the grid ``2^-t`` moves it by at most ``2^-(t+1) <= 2 Var[w]``, far below its
+    posterior standard deviation when the variance is small. The layer gets the ceiling
+    of the mean over its kept weights (solid line, :func:`~pyro_bc.compress.significand_bits`,
+    what ``compress(bits="auto")`` uses); the dashed line is the mean itself.
+
+    Example::
+
+        fig = plots.bits_histograms(guide, compressed=compressed)
+    """
+    masks = _masks(guide, compressed, thresholds, layers)
+    columns = min(len(masks), 3)
+    rows = math.ceil(len(masks) / columns)
+    fig = Figure(figsize=(4.2 * columns, 3.2 * rows), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).flatten()
+    for ax in axes[len(masks) :]:
+        ax.set_visible(False)
+    for ax, (name, m) in zip(axes, masks.items(), strict=False):
+        var = m.weight_var[m.weight_kept]
+        per_weight = weight_bits(var).cpu().numpy()
+        t = significand_bits(var)
+        edges = np.arange(-0.5, 24.5)
+        ax.hist(per_weight, bins=edges, color=KEPT_COLOR)
+        ax.axvline(per_weight.mean(), color="black", linestyle="--", label="mean")
+        ax.axvline(t, color="black", label=f"t = ceil(mean) = {t}")
+        ax.set_title(f"{name}: {per_weight.size:,} kept weights, t = {t}", fontsize=10)
+        ax.set_xlabel("bits the weight's posterior allows")
+        ax.set_ylabel("weights")
+        ax.set_xlim(-0.5, 23.5)
+        ax.legend(fontsize=8)
+    _save(fig, path)
+    return fig
+
+
+@dataclass
+class BitSweep:
+    """Test errors of compressed networks for a sweep of fraction bits: see :func:`bit_sweep`.
+
+    :ivar bits: the fraction bits ``t`` tried (the same for every layer).
+    :ivar errors: the test error at each of them.
+    :ivar auto_bits: ``{layer: t}`` that ``compress(bits="auto")`` chose.
+    :ivar auto_error: the test error of that network.
+    :ivar auto_mean_bits: ``t`` averaged over the kept weights of the automatic choice.
+    :ivar float32_error: the test error of the pruned network without quantization.
+
+    Example::
+
+        sweep = plots.bit_sweep(guide, test_loader)
+        print(sweep)
+    """
+
+    bits: list
+    errors: list
+    auto_bits: dict = field(default_factory=dict)
+    auto_error: float = math.nan
+    auto_mean_bits: float = math.nan
+    float32_error: float = math.nan
+
+    def __str__(self):
+        lines = ["t (all layers)  test error"]
+        lines += [f"{t:>14}  {e:.2%}" for t, e in zip(self.bits, self.errors, strict=True)]
+        auto = ", ".join(f"{k} {v}" for k, v in self.auto_bits.items())
+        lines.append(f"automatic ({auto}): {self.auto_error:.2%}")
+        lines.append(f"float32 (pruned, not quantized): {self.float32_error:.2%}")
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def bit_sweep(guide, test_loader, bits=range(0, 13), *, thresholds=None) -> BitSweep:
+    """Compresses ``guide`` with ``bits=t`` for every ``t`` in ``bits`` and measures test errors.
+
+    Also measures the automatic choice (``bits="auto"``) and the pruned float32 network
+    (``bits=None``), all at the same ``thresholds``. The data behind :func:`error_vs_bits`.
+
+    Example::
+
+        sweep = plots.bit_sweep(guide, test_loader, bits=range(2, 11))
+        sweep.auto_bits, sweep.auto_error
+    """
+    bits = [int(t) for t in bits]
+    errors = [compress(guide, thresholds, bits=t).evaluate(test_loader)["error"] for t in bits]
+    auto = compress(guide, thresholds)
+    layers = auto.report.layers
+    mean_bits = sum(layer.frac_bits * layer.weights_kept for layer in layers) / sum(
+        layer.weights_kept for layer in layers
+    )
+    return BitSweep(
+        bits=bits,
+        errors=errors,
+        auto_bits={layer.name: layer.frac_bits for layer in layers},
+        auto_error=auto.evaluate(test_loader)["error"],
+        auto_mean_bits=mean_bits,
+        float32_error=compress(guide, thresholds, bits=None).evaluate(test_loader)["error"],
+    )
+
+
+def error_vs_bits(sweep: BitSweep, *, path=None) -> Figure:
+    """Test error against the fraction bits of every layer, with the automatic choice marked.
+
+    The curve is ``compress(guide, bits=t)`` for each ``t`` of the sweep; the dotted line is the
+    pruned network in float32; the star is ``compress(guide)``'s per-layer choice from the
+    posterior variances, drawn at its mean ``t`` over the kept weights.
+
+    Example::
+
+        fig = plots.error_vs_bits(plots.bit_sweep(guide, test_loader))
+    """
+    fig = Figure(figsize=(6.0, 3.8), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(sweep.bits, np.array(sweep.errors) * 100, "o-", label="same t for every layer")
+    ax.axhline(
+        sweep.float32_error * 100, color="gray", linestyle=":", label="float32 (pruned only)"
+    )
+    auto = ", ".join(f"{k}: {v}" for k, v in sweep.auto_bits.items())
+    ax.plot(
+        [sweep.auto_mean_bits],
+        [sweep.auto_error * 100],
+        marker="*",
+        markersize=16,
+        color="tab:red",
+        linestyle="none",
+        label=f"automatic ({auto})",
+    )
+    ax.set_yscale("log")
+    # plain numbers (2, 5, 10) read better than 10^x on an axis of percentages
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(
+        FuncFormatter(lambda v, _: f"{v:g}" if _leading(v) in (2, 5) else "")
+    )
+    ax.set_xlabel("fraction bits t (grid 2^-t)")
+    ax.set_ylabel("test error (%)")
+    ax.set_title("Test error of the compressed network against precision", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    _save(fig, path)
+    return fig
+
+
+def _leading(value: float) -> int:
+    """The leading digit of a positive number (2 for 0.2, 20 and 200)."""
+    return int(round(value / 10 ** math.floor(math.log10(value)), 6))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training curves
+
+
+def training_curves(history, *, path=None) -> Figure:
+    """Loss, errors and (if recorded) kept groups per epoch, from :func:`pyro_bc.fit`'s history.
+
+    ``history`` is a :class:`pyro_bc.infer.History` or a list of per-epoch dicts. Panels:
+    the loss (the negative ELBO per step, log scale when positive); the train and test errors
+    when recorded; and the kept groups per layer when the records hold a ``"kept_groups"`` dict
+    (as a ``fit`` callback can store, see ``benchmarks/lenet300_gnj.py``).
+
+    Example::
+
+        history = pyro_bc.fit(model, guide, train_loader, epochs=50, test_loader=test_loader)
+        fig = plots.training_curves(history)
+    """
+    records = list(getattr(history, "epochs", history))
+    if not records:
+        raise ValueError("training_curves: the history has no epochs")
+    epochs = [r.get("epoch", i + 1) for i, r in enumerate(records)]
+
+    def series(key):
+        return [r.get(key) for r in records]
+
+    panels = ["loss"]
+    if any(r.get("train_error") is not None or r.get("test_error") is not None for r in records):
+        panels.append("error")
+    if any(isinstance(r.get("kept_groups"), dict) for r in records):
+        panels.append("kept")
+    fig = Figure(figsize=(4.2 * len(panels), 3.3), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    style = ".-" if len(records) <= 50 else "-"  # markers only while they stay readable
+    for ax, panel in zip(axes, panels, strict=True):
+        if panel == "loss":
+            loss = np.array([np.nan if v is None else v for v in series("loss")], dtype=float)
+            ax.plot(epochs, loss, style)
+            if np.nanmin(loss) > 0:
+                ax.set_yscale("log")
+            ax.set_ylabel("loss (negative ELBO per step)")
+            ax.set_title("loss", fontsize=10)
+        elif panel == "error":
+            for key, label in (("train_error", "train (sampled)"), ("test_error", "test (means)")):
+                values = series(key)
+                points = [
+                    (e, 100 * v) for e, v in zip(epochs, values, strict=True) if v is not None
+                ]
+                if points:
+                    ax.plot(*zip(*points, strict=True), style, label=label)
+            ax.set_ylabel("error (%)")
+            ax.set_title("error", fontsize=10)
+            ax.legend(fontsize=8)
+        else:
+            names = []
+            for r in records:
+                for name in r.get("kept_groups") or {}:
+                    if name not in names:
+                        names.append(name)
+            for name in names:
+                points = [
+                    (e, r["kept_groups"][name])
+                    for e, r in zip(epochs, records, strict=True)
+                    if isinstance(r.get("kept_groups"), dict) and name in r["kept_groups"]
+                ]
+                ax.plot(*zip(*points, strict=True), style, label=name)
+            ax.set_ylabel("groups kept")
+            ax.set_title("kept groups per layer", fontsize=10)
+            ax.legend(fontsize=8)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+    return fig
