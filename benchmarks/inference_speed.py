@@ -30,10 +30,10 @@ from pathlib import Path
 
 import pyro
 import torch
-from pyro_bc.models import LeNet5Caffe, LeNet300100
 
 import pyro_bc
 from pyro_bc.data import load, mnist_loaders
+from pyro_bc.models import LeNet5Caffe, LeNet300100
 from pyro_bc.priors import GroupHorseshoe, GroupNormalJeffreys
 
 MODELS = {"lenet300": LeNet300100, "lenet5": LeNet5Caffe}
