@@ -32,19 +32,13 @@ import pyro
 import torch
 
 import pyro_bc
+from pyro_bc.cli import MODELS, PRIORS, build
 from pyro_bc.data import load, mnist_loaders
-from pyro_bc.models import LeNet5Caffe, LeNet300100
-from pyro_bc.priors import GroupHorseshoe, GroupNormalJeffreys
-
-MODELS = {"lenet300": LeNet300100, "lenet5": LeNet5Caffe}
-PRIORS = {"gnj": GroupNormalJeffreys, "ghs": GroupHorseshoe}
 
 
 def build_guide(args):
     """The guide of ``args.model`` / ``args.prior``: from the checkpoint, or trained briefly."""
-    model = MODELS[args.model](prior=PRIORS[args.prior](), dataset_size=60_000)
-    clip = {"fc1": args.clip_fc1} if args.model == "lenet300" and args.clip_fc1 else None
-    guide = pyro_bc.StructuredGuide(model, clip_var=clip)
+    _, model, guide = build(args.model, args.prior, 60_000)
     if args.checkpoint:
         guide.load_state_dict(pyro_bc.load_checkpoint(args.checkpoint)["guide"])
         return model, guide, f"checkpoint {args.checkpoint}"
@@ -84,8 +78,7 @@ def main():
     parser.add_argument("--checkpoint", help="a checkpoint of pyro_bc.fit (default: quick run)")
     parser.add_argument("--model", choices=sorted(MODELS), default="lenet300")
     parser.add_argument("--prior", choices=sorted(PRIORS), default="gnj")
-    parser.add_argument("--clip-fc1", type=float, default=0.04, help="LeNet-300-100's clip_var")
-    parser.add_argument("--threshold", default=None, help="a number or 'auto' (default: -3)")
+    parser.add_argument("--threshold", default=None, help="a number or 'auto' (default 'auto')")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats-batch1", type=int, default=200)

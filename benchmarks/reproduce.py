@@ -8,7 +8,8 @@ Recipe (every number below is an argument with this default):
   weight means start from it (``StructuredGuide.init_from``), as in the paper's "compress a
   trained network" workflow;
 - SVI: ``pyro_bc.fit`` (TraceMeanField_ELBO with closed-form KLs, local reparameterization),
-  Adam lr 1e-3, ``--epochs`` (200 for LeNet-300-100, 100 for LeNet-5-Caffe); LeNet-300-100's fc1
+  Adam lr 1e-3, ``--epochs`` (250 for LeNet-300-100, 100 for LeNet-5-Caffe), the learning rate
+  decaying linearly to 0 over the last ``--decay-epochs`` (50 and 20); LeNet-300-100's fc1
   weight variances clipped at 0.04 as in the authors' code; the horseshoe with tau0 = 1e-5;
 - compression: ``pyro_bc.compress`` with ``--thresholds`` (default "auto": the valley of each
   layer's histogram of the pruning quantity) and the paper's bit-width rule.
@@ -47,7 +48,8 @@ PAPER = {
     ("lenet5", "gnj"): (1.0, 108, 361, "8-13-88-13"),
     ("lenet5", "ghs"): (1.0, 156, 419, "5-10-76-16"),
 }
-DEFAULT_EPOCHS = {"lenet300": 200, "lenet5": 100}
+DEFAULT_EPOCHS = {"lenet300": 250, "lenet5": 100}
+DEFAULT_DECAY_EPOCHS = {"lenet300": 50, "lenet5": 20}
 NAMES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5-Caffe", "gnj": "GNJ", "ghs": "GHS"}
 
 
@@ -68,6 +70,8 @@ def reproduce(args):
     pyro.set_rng_seed(args.seed)
     torch.set_num_threads(args.threads)
     epochs = args.epochs or DEFAULT_EPOCHS[args.network]
+    decay = DEFAULT_DECAY_EPOCHS[args.network] if args.decay_epochs is None else args.decay_epochs
+    schedule = pyro_bc.infer.linear_decay(epochs - decay, epochs) if decay > 0 else None
     run_dir = RUNS / f"{args.network}-{args.prior}"
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = run_dir / "checkpoint.pt"
@@ -108,6 +112,7 @@ def reproduce(args):
         resume=True,
         seed=args.seed,
         progress=False,
+        lr_schedule=schedule,
         metadata={"model": args.network, "prior": args.prior, "dataset_size": len(data.train_x)},
     )
     svi_seconds = time.perf_counter() - started
@@ -131,6 +136,7 @@ def reproduce(args):
             "pretrain_epochs": args.pretrain_epochs,
             "svi_epochs": len(history),
             "lr": 1e-3,
+            "lr_decay_epochs": decay,
             "batch_size": 128,
             "thresholds": args.thresholds,
             "seed": args.seed,
@@ -150,7 +156,7 @@ def reproduce(args):
             "torch": torch.__version__,
         },
         "command": f"python benchmarks/reproduce.py --network {args.network} --prior {args.prior}"
-        f" --epochs {epochs} --thresholds {args.thresholds}",
+        f" --epochs {epochs} --decay-epochs {decay} --thresholds {args.thresholds}",
         "history": history.epochs,
     }
     write_atomically(RESULTS / f"{name}.json", json.dumps(result, indent=2).encode())
@@ -189,6 +195,9 @@ def main():
     parser.add_argument("--prior", choices=["gnj", "ghs"], default="gnj")
     parser.add_argument("--data", default="../shared/data/mnist")
     parser.add_argument("--epochs", type=int, help="SVI epochs (default per network)")
+    parser.add_argument(
+        "--decay-epochs", type=int, help="linear decay of the learning rate to 0 over these last"
+    )
     parser.add_argument("--pretrain-epochs", type=int, default=10)
     parser.add_argument("--thresholds", default="auto")
     parser.add_argument("--seed", type=int, default=0)

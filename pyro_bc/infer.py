@@ -122,6 +122,7 @@ def fit(
     max_steps: int | None = None,
     progress: bool = True,
     metadata: dict | None = None,
+    lr_schedule=None,
 ) -> History:
     """Trains ``guide`` by stochastic variational inference with ``TraceMeanField_ELBO``.
 
@@ -141,6 +142,9 @@ def fit(
     :param max_steps: stop every epoch after this many steps (quick runs and smoke tests).
     :param metadata: plain data (str, numbers, lists, dicts) stored in the checkpoint, e.g. how
         to rebuild the model (``pyro-bc compress`` reads it).
+    :param lr_schedule: ``lr_schedule(epoch) -> factor``: every epoch (counted from 0) runs at
+        the optimizer's initial learning rates times this factor. A function of the epoch alone,
+        so a resumed run follows the same schedule (see :func:`linear_decay`).
 
     Example::
 
@@ -164,10 +168,17 @@ def fit(
         start_epoch = int(state["epoch"])
         torch.set_rng_state(state["rng"])
 
+    base_lrs = [group.get("initial_lr", group["lr"]) for group in step.optimizer.param_groups]
+    for group, lr0 in zip(step.optimizer.param_groups, base_lrs, strict=True):
+        group["initial_lr"] = lr0
     model.train()
     for epoch in range(start_epoch, epochs):
         if seed is not None:
             pyro.set_rng_seed(seed + epoch)
+        if lr_schedule is not None:
+            factor = lr_schedule(epoch)
+            for group, lr0 in zip(step.optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = lr0 * factor
         started = time.perf_counter()
         total_loss = total_errors = total_seen = steps = 0
         batches = tqdm(
@@ -229,6 +240,24 @@ def pretrain(network, train_loader, *, epochs: int = 10, lr: float = 1e-3, progr
             loss.backward()
             optimizer.step()
     return network.eval()
+
+
+def linear_decay(start: int, end: int, final: float = 0.0):
+    """A schedule for :func:`fit`: factor 1 before epoch ``start``, then linear to ``final`` at
+    epoch ``end``.
+
+    Example::
+
+        fit(model, guide, loader, epochs=250, lr_schedule=linear_decay(200, 250))
+    """
+    if not 0 <= start < end:
+        raise ValueError(f"linear_decay: need 0 <= start < end, got start={start}, end={end}")
+
+    def schedule(epoch):
+        progress = min(max((epoch - start) / (end - start), 0.0), 1.0)
+        return 1.0 - (1.0 - final) * progress
+
+    return schedule
 
 
 def _format_record(record):

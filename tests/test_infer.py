@@ -4,6 +4,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import pyro_bc
 from pyro_bc.data import load_mnist_subset
+from pyro_bc.infer import linear_decay
 from pyro_bc.models import LeNet300100
 
 
@@ -44,22 +45,61 @@ def test_fit_lowers_the_loss_and_records_history(small_mnist):
 
 def test_resumed_run_equals_uninterrupted_run(small_mnist, tmp_path):
     train, _ = small_mnist
+    schedule = linear_decay(1, 2, final=0.5)
     model, guide, loader = _setup(train)
-    pyro_bc.fit(model, guide, loader, epochs=2, seed=3, progress=False)
+    pyro_bc.fit(model, guide, loader, epochs=2, seed=3, progress=False, lr_schedule=schedule)
     uninterrupted = {k: v.clone() for k, v in guide.state_dict().items()}
 
     checkpoint = tmp_path / "run.pt"
     model, guide, loader = _setup(train)
-    pyro_bc.fit(model, guide, loader, epochs=1, seed=3, progress=False, checkpoint=checkpoint)
+    pyro_bc.fit(
+        model,
+        guide,
+        loader,
+        epochs=1,
+        seed=3,
+        progress=False,
+        checkpoint=checkpoint,
+        lr_schedule=schedule,
+    )
     # a fresh process would rebuild model and guide with other random initial values
     model, guide, loader = _setup(train, seed=99)
     history = pyro_bc.fit(
-        model, guide, loader, epochs=2, seed=3, progress=False, checkpoint=checkpoint, resume=True
+        model,
+        guide,
+        loader,
+        epochs=2,
+        seed=3,
+        progress=False,
+        checkpoint=checkpoint,
+        resume=True,
+        lr_schedule=schedule,
     )
     assert len(history) == 2
     for name, value in guide.state_dict().items():
         torch.testing.assert_close(value, uninterrupted[name], rtol=0, atol=0, msg=name)
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_linear_decay_sets_the_learning_rate_per_epoch(small_mnist):
+    train, _ = small_mnist
+    model, guide, loader = _setup(train)
+    rates = []
+    optimizer = torch.optim.Adam(guide.parameters(), lr=0.01)
+    pyro_bc.fit(
+        model,
+        guide,
+        loader,
+        epochs=4,
+        optimizer=optimizer,
+        max_steps=1,
+        progress=False,
+        lr_schedule=linear_decay(1, 3, final=0.1),
+        callback=lambda epoch, record: rates.append(optimizer.param_groups[0]["lr"]),
+    )
+    assert rates == pytest.approx([0.01, 0.01, 0.0055, 0.001])
+    with pytest.raises(ValueError, match="start < end"):
+        linear_decay(3, 3)
 
 
 def test_checkpoint_errors_name_the_file(tmp_path):
