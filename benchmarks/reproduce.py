@@ -11,8 +11,9 @@ Recipe (every number below is an argument with this default):
   Adam lr 1e-3, ``--epochs`` (250 for LeNet-300-100, 100 for LeNet-5-Caffe), the learning rate
   decaying linearly to 0 over the last ``--decay-epochs`` (50 and 20); LeNet-300-100's fc1
   weight variances clipped at 0.04 as in the authors' code; the horseshoe with tau0 = 1e-5;
-- compression: ``pyro_bc.compress`` with ``--thresholds`` (default "auto": the valley of each
-  layer's histogram of the pruning quantity) and the paper's bit-width rule.
+- compression: ``pyro_bc.compress`` with ``--thresholds`` (default: the authors' -2.8, -3, -5
+  for LeNet-300-100 with GNJ, else "auto": the valley of each layer's histogram of the pruning
+  quantity) and the paper's bit-width rule.
 
 Each run writes ``benchmarks/results/<network>-<prior>.json``, its figures, and a checkpoint under
 ``benchmarks/runs/`` (resumed if present); ``benchmarks/results/table.md`` is rebuilt from all
@@ -50,6 +51,8 @@ PAPER = {
 }
 DEFAULT_EPOCHS = {"lenet300": 250, "lenet5": 100}
 DEFAULT_DECAY_EPOCHS = {"lenet300": 50, "lenet5": 20}
+#: the thresholds of the authors' LeNet-300-100 example (GNJ); "auto" elsewhere
+DEFAULT_THRESHOLDS = {("lenet300", "gnj"): "fc1=-2.8,fc2=-3,fc3=-5"}
 NAMES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5-Caffe", "gnj": "GNJ", "ghs": "GHS"}
 
 
@@ -91,6 +94,10 @@ def reproduce(args):
         guide.init_from(twin)
         print(f"pretrained twin: test error {pretrained_error:.2%}", flush=True)
     pretrain_seconds = time.perf_counter() - started
+    if checkpoint.exists():  # a resumed run: the pretraining happened in the first invocation
+        pretrained_error = pyro_bc.load_checkpoint(checkpoint)["metadata"].get(
+            "pretrained_test_error"
+        )
 
     def log(epoch, record):
         record["kept_groups"] = kept_groups(model, guide, -3.0)
@@ -113,10 +120,17 @@ def reproduce(args):
         seed=args.seed,
         progress=False,
         lr_schedule=schedule,
-        metadata={"model": args.network, "prior": args.prior, "dataset_size": len(data.train_x)},
+        metadata={
+            "model": args.network,
+            "prior": args.prior,
+            "dataset_size": len(data.train_x),
+            "pretrained_test_error": pretrained_error,
+        },
     )
     svi_seconds = time.perf_counter() - started
     dense = pyro_bc.evaluate(model, guide, test_loader, num_samples=10)
+    if args.thresholds is None:
+        args.thresholds = DEFAULT_THRESHOLDS.get((args.network, args.prior), "auto")
     thresholds = parse_thresholds(args.thresholds)
     compressed = pyro_bc.compress(guide, thresholds=thresholds, test_loader=test_loader)
     name = f"{args.network}-{args.prior}"
@@ -199,7 +213,7 @@ def main():
         "--decay-epochs", type=int, help="linear decay of the learning rate to 0 over these last"
     )
     parser.add_argument("--pretrain-epochs", type=int, default=10)
-    parser.add_argument("--thresholds", default="auto")
+    parser.add_argument("--thresholds", help="'auto', a number or LAYER=VALUE pairs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--table", action="store_true", help="only rebuild results/table.md")

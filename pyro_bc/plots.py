@@ -69,6 +69,17 @@ def _save(fig: Figure, path, dpi: int = 120) -> None:
     write_atomically(path, buffer.getvalue())
 
 
+def _panels(count):
+    """A figure with one panel per layer, three to a row; the spare panels hidden."""
+    columns = min(count, 3)
+    rows = math.ceil(count / columns)
+    fig = Figure(figsize=(4.2 * columns, 3.2 * rows), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).flatten()
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
 def _masks(guide, compressed, thresholds, layers=None):
     """compress's masks for ``guide``: under ``thresholds``, or those ``compressed`` used."""
     input_shape = None
@@ -285,12 +296,7 @@ def pruning_histograms(
         fig = plots.pruning_histograms(guide, thresholds={"fc1": -2.8, "fc3": -5})
     """
     masks = _masks(guide, compressed, thresholds, layers)
-    columns = min(len(masks), 3)
-    rows = math.ceil(len(masks) / columns)
-    fig = Figure(figsize=(4.2 * columns, 3.2 * rows), layout="constrained")
-    axes = fig.subplots(rows, columns, squeeze=False).flatten()
-    for ax in axes[len(masks) :]:
-        ax.set_visible(False)
+    fig, axes = _panels(len(masks))
     for ax, (name, m) in zip(axes, masks.items(), strict=False):
         values = _finite(m.log_alpha)
         below = m.below_threshold.cpu().numpy()
@@ -410,12 +416,7 @@ def bits_histograms(guide, thresholds=None, *, compressed=None, layers=None, pat
         fig = plots.bits_histograms(guide, compressed=compressed)
     """
     masks = _masks(guide, compressed, thresholds, layers)
-    columns = min(len(masks), 3)
-    rows = math.ceil(len(masks) / columns)
-    fig = Figure(figsize=(4.2 * columns, 3.2 * rows), layout="constrained")
-    axes = fig.subplots(rows, columns, squeeze=False).flatten()
-    for ax in axes[len(masks) :]:
-        ax.set_visible(False)
+    fig, axes = _panels(len(masks))
     for ax, (name, m) in zip(axes, masks.items(), strict=False):
         var = m.weight_var[m.weight_kept]
         per_weight = weight_bits(var).cpu().numpy()
