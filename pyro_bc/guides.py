@@ -149,7 +149,9 @@ class StructuredGuide(nn.Module):
 
     Calling the guide samples every latent site; call it with the model's arguments. Its
     parameters are ordinary ``nn.Parameter`` s, so any ``torch.optim`` optimizer trains them
-    (:func:`pyro_bc.fit` does).
+    (:func:`pyro_bc.fit` does), and calling it registers them in Pyro's param store, so
+    ``pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO())``
+    trains them too.
 
     Example::
 
@@ -175,6 +177,19 @@ class StructuredGuide(nn.Module):
         )
 
     def forward(self, *args, **kwargs):
+        # Registering the parameters lets pyro.infer.SVI with a pyro.optim optimizer find them;
+        # the name is unique so that two guides never share entries of the param store.
+        pyro.module(f"StructuredGuide_{id(self):x}", self)
+        self.sample()
+
+    def sample(self, *args, **kwargs):
+        """Samples every latent site without touching Pyro's param store (:func:`pyro_bc.fit`
+        optimizes the parameters directly).
+
+        Example::
+
+            guide_trace = pyro.poutine.trace(guide.sample).get_trace()
+        """
         for layer in self.layers:
             layer()
 

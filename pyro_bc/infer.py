@@ -96,7 +96,7 @@ class TrainingStep:
 
     def __call__(self, x, y):
         with pyro.validation_enabled(self.steps_taken == 0), self.handler(), self._observed:
-            loss = self.elbo.differentiable_loss(self.model, self.guide, x, y)
+            loss = self.elbo.differentiable_loss(self.model, self.guide.sample, x, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

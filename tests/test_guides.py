@@ -137,3 +137,14 @@ def test_custom_prior_gets_lognormal_factors():
         trace = pyro.poutine.trace(guide).get_trace(x)
         out = pyro.poutine.replay(layer, trace=trace)(x)
     assert out.shape == (3, 2) and torch.isfinite(out).all()
+
+
+def test_pyro_svi_trains_the_guide():
+    model = BayesianLinear(4, 2)
+    guide = pyro_bc.StructuredGuide(model)
+    before = guide.layers[0].weight.loc.detach().clone()
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), TraceMeanField_ELBO())
+    x = torch.randn(8, 4)
+    losses = [svi.step(x) for _ in range(20)]
+    assert not torch.equal(guide.layers[0].weight.loc.detach(), before)
+    assert losses[-1] < losses[0]
