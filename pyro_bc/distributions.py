@@ -45,9 +45,9 @@ class ImproperLogUniform(TorchDistribution):
     Improper log-uniform (normal-Jeffreys) scale prior ``p(z) ∝ 1 / |z|`` on ``z ≠ 0``.
 
     This is the prior on the group scale ``z`` of the group normal-Jeffreys prior of Bayesian
-    Compression. It has no normalising constant, so :meth:`log_prob` is ``-log|z|`` and it
-    cannot be sampled: the value of a site with this prior must come from a guide, as in
-    :class:`~pyro.infer.SVI`. With a :class:`~pyro.distributions.Normal` guide,
+    Compression. It has no normalising constant, so :meth:`log_prob` is ``-log|z|`` and it has
+    no draws (:meth:`sample` gives the placeholder 1): the value of a site with this prior must
+    come from a guide, as in :class:`~pyro.infer.SVI`. With a :class:`~pyro.distributions.Normal` guide,
     :class:`~pyro.infer.TraceMeanField_ELBO` uses the closed-form approximate KL
     (see :func:`molchanov_kl`) registered by this module.
 
@@ -91,23 +91,20 @@ class ImproperLogUniform(TorchDistribution):
         shape = broadcast_shape(value.shape, self.batch_shape)
         return -value.abs().log().expand(shape)
 
-    def __call__(self, sample_shape=()):
-        # A pyro.sample statement draws through __call__: a model run without a guide gets here.
-        raise NotImplementedError(
-            "ImproperLogUniform is an improper prior (p(z) ∝ 1/|z|) and cannot be sampled. "
-            "The value of its site must come from a guide: use it in a model trained with "
-            "SVI, or run the model under poutine.replay(model, trace=guide_trace)."
-        )
-
     def rsample(self, sample_shape=()):
-        return self(sample_shape)
+        raise NotImplementedError(
+            "ImproperLogUniform is an improper prior (p(z) ∝ 1/|z|) and has no reparameterized "
+            "draws. The value of its site must come from a guide: use it in a model trained "
+            "with SVI, or run the model under poutine.replay(model, trace=guide_trace)."
+        )
 
     def sample(self, sample_shape=()):
         """Returns the placeholder ``1``: an improper prior has no draws.
 
         Pyro's initialisation strategies (``init_to_sample``, and ``Predictive``'s run of the
-        model to learn its shapes) need a point in the support; running the model itself without
-        a guide still raises.
+        model to learn its shapes) need a point in the support. A model run without a guide
+        therefore gets ``z = 1`` at these sites: useful to see its sites and shapes, but not a
+        draw from the prior.
         """
         return torch.ones(torch.Size(sample_shape) + self.batch_shape)
 
