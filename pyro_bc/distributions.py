@@ -47,9 +47,9 @@ class ImproperLogUniform(TorchDistribution):
     This is the prior on the group scale ``z`` of the group normal-Jeffreys prior of Bayesian
     Compression. It has no normalising constant, so :meth:`log_prob` is ``-log|z|`` and it has
     no draws (:meth:`sample` gives the placeholder 1): the value of a site with this prior must
-    come from a guide, as in :class:`~pyro.infer.SVI`. With a :class:`~pyro.distributions.Normal` guide,
-    :class:`~pyro.infer.TraceMeanField_ELBO` uses the closed-form approximate KL
-    (see :func:`molchanov_kl`) registered by this module.
+    come from a guide, as in :class:`~pyro.infer.SVI`. With a
+    :class:`~pyro.distributions.Normal` guide, :class:`~pyro.infer.TraceMeanField_ELBO` uses the
+    closed-form approximate KL (see :func:`molchanov_kl`) registered by this module.
 
     Example::
 
