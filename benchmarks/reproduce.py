@@ -10,7 +10,8 @@ Recipe (every number below is an argument with this default):
 - SVI: ``pyro_bc.fit`` (TraceMeanField_ELBO with closed-form KLs, local reparameterization),
   Adam lr 1e-3, ``--epochs`` (250 for LeNet-300-100, 100 for LeNet-5-Caffe), the learning rate
   decaying linearly to 0 over the last ``--decay-epochs`` (50 and 20); LeNet-300-100's fc1
-  weight variances clipped at 0.04 as in the authors' code; the horseshoe with tau0 = 1e-5;
+  weight variances clipped at 0.04 with GNJ as in the authors' code (not with the horseshoe,
+  see ``pyro_bc.cli.CLIP_VAR``); the horseshoe with tau0 = 1e-5;
 - compression: ``pyro_bc.compress`` with ``--thresholds`` (default: the authors' -2.8, -3, -5
   for LeNet-300-100 with GNJ, else "auto": the valley of each layer's histogram of the pruning
   quantity) and the paper's bit-width rule.
