@@ -192,14 +192,15 @@ def fit(
             if max_steps is not None and steps >= max_steps:
                 break
             loss, logits = step(x, y)
+            loss = loss.item()
             steps += 1
-            total_loss += loss.item()
+            total_loss += loss
             total_seen += len(y)
             if logits is not None:
                 total_errors += (logits.argmax(-1) != y).sum().item()
             if progress:
                 batches.set_postfix(
-                    loss=f"{loss.item():.4g}", err=f"{total_errors / total_seen:.2%}", refresh=False
+                    loss=f"{loss:.4g}", err=f"{total_errors / total_seen:.2%}", refresh=False
                 )
         record = {
             "epoch": epoch + 1,

@@ -81,15 +81,12 @@ class _PosteriorRecorder(Messenger):
             msg["done"] = True
 
     def _layer_posterior(self, layer):
-        weight_loc, weight_var = normal_moments(
-            self._posterior(layer.site("weight")), layer.site("weight")
-        )
-        bias_loc = bias_var = None
+        """Means and variances of the layer's weights and bias (None without a bias)."""
+        weight = normal_moments(self._posterior(layer.site("weight")), layer.site("weight"))
+        bias = (None, None)
         if layer.has_bias:
-            bias_loc, bias_var = normal_moments(
-                self._posterior(layer.site("bias")), layer.site("bias")
-            )
-        return weight_loc, weight_var, bias_loc, bias_var
+            bias = normal_moments(self._posterior(layer.site("bias")), layer.site("bias"))
+        return (*weight, *bias)
 
     def _posterior(self, site):
         try:
