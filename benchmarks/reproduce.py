@@ -11,10 +11,12 @@ Recipe (every number below is an argument with this default):
   Adam lr 1e-3, ``--epochs`` (250 for LeNet-300-100, 100 for LeNet-5-Caffe), the learning rate
   decaying linearly to 0 over the last ``--decay-epochs`` (50 and 20); LeNet-300-100's fc1
   weight variances clipped at 0.04 with GNJ as in the authors' code (not with the horseshoe,
-  see ``pyro_bc.cli.CLIP_VAR``); the horseshoe with tau0 = 1e-5;
+  see ``pyro_bc.cli.CLIP_VAR``); the horseshoe with tau0 = 1e-5, its group scales starting at
+  the trained weights' RMS per group (``init_from(..., rescale=True)``, ``--rescale``);
 - compression: ``pyro_bc.compress`` with ``--thresholds`` (default: the authors' -2.8, -3, -5
-  for LeNet-300-100 with GNJ, else "auto": the valley of each layer's histogram of the pruning
-  quantity) and the paper's bit-width rule.
+  for LeNet-300-100 with GNJ, else -3, the paper's usual value; "auto", the valley of each
+  layer's histogram, keeps groups that are still on their way out when training stops) and the
+  paper's bit-width rule.
 
 Each run writes ``benchmarks/results/<network>-<prior>.json``, its figures, and a checkpoint under
 ``benchmarks/runs/`` (resumed if present); ``benchmarks/results/table.md`` is rebuilt from all
@@ -36,7 +38,7 @@ import pyro
 import torch
 
 import pyro_bc
-from pyro_bc.cli import build, parse_thresholds
+from pyro_bc.cli import RESCALE_PRIORS, build, parse_thresholds
 from pyro_bc.data import load, mnist_loaders
 from pyro_bc.files import write_atomically
 
@@ -52,7 +54,7 @@ PAPER = {
 }
 DEFAULT_EPOCHS = {"lenet300": 250, "lenet5": 100}
 DEFAULT_DECAY_EPOCHS = {"lenet300": 50, "lenet5": 20}
-#: the thresholds of the authors' LeNet-300-100 example (GNJ); "auto" elsewhere
+#: the thresholds of the authors' LeNet-300-100 example (GNJ); -3 elsewhere
 DEFAULT_THRESHOLDS = {("lenet300", "gnj"): "fc1=-2.8,fc2=-3,fc3=-5"}
 NAMES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5-Caffe", "gnj": "GNJ", "ghs": "GHS"}
 
@@ -74,6 +76,8 @@ def reproduce(args):
     pyro.set_rng_seed(args.seed)
     torch.set_num_threads(args.threads)
     epochs = args.epochs or DEFAULT_EPOCHS[args.network]
+    if args.rescale is None:
+        args.rescale = args.prior in RESCALE_PRIORS
     decay = DEFAULT_DECAY_EPOCHS[args.network] if args.decay_epochs is None else args.decay_epochs
     schedule = pyro_bc.infer.linear_decay(epochs - decay, epochs) if decay > 0 else None
     run_dir = RUNS / f"{args.network}-{args.prior}"
@@ -92,7 +96,7 @@ def reproduce(args):
         with torch.no_grad():
             wrong = sum((twin(x).argmax(-1) != y).sum().item() for x, y in test_loader)
         pretrained_error = wrong / len(data.test_x)
-        guide.init_from(twin)
+        guide.init_from(twin, rescale=args.rescale)
         print(f"pretrained twin: test error {pretrained_error:.2%}", flush=True)
     pretrain_seconds = time.perf_counter() - started
     if checkpoint.exists():  # a resumed run: the pretraining happened in the first invocation
@@ -131,7 +135,7 @@ def reproduce(args):
     svi_seconds = time.perf_counter() - started
     dense = pyro_bc.evaluate(model, guide, test_loader, num_samples=10)
     if args.thresholds is None:
-        args.thresholds = DEFAULT_THRESHOLDS.get((args.network, args.prior), "auto")
+        args.thresholds = DEFAULT_THRESHOLDS.get((args.network, args.prior), "-3")
     thresholds = parse_thresholds(args.thresholds)
     compressed = pyro_bc.compress(guide, thresholds=thresholds, test_loader=test_loader)
     name = f"{args.network}-{args.prior}"
@@ -149,6 +153,7 @@ def reproduce(args):
         "prior": NAMES[args.prior],
         "recipe": {
             "pretrain_epochs": args.pretrain_epochs,
+            "rescale": args.rescale,
             "svi_epochs": len(history),
             "lr": 1e-3,
             "lr_decay_epochs": decay,
@@ -215,6 +220,11 @@ def main():
     )
     parser.add_argument("--pretrain-epochs", type=int, default=10)
     parser.add_argument("--thresholds", help="'auto', a number or LAYER=VALUE pairs")
+    parser.add_argument(
+        "--rescale",
+        action=argparse.BooleanOptionalAction,
+        help="start the group scales at the trained weights' RMS (default: with GHS only)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--table", action="store_true", help="only rebuild results/table.md")

@@ -8,6 +8,10 @@ repetitions each (medians):
   reparameterization, closed-form KLs), written here as the reference to beat;
 - ``deterministic``: a plain 784-300-100-10 network with cross-entropy (the floor).
 
+It also measures the peak memory of training: each implementation runs ``--steps`` steps in a
+fresh process, which reports how far its peak resident set size rose above what it held once
+built (the interpreter, torch, pyro and the parameters), and that peak itself.
+
     python benchmarks/speed.py --repeats 7 --steps 50
 
 Writes ``benchmarks/results/speed.json``.
@@ -19,7 +23,10 @@ import argparse
 import json
 import math
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import pyro_bc
+from pyro_bc.files import write_atomically
 from pyro_bc.infer import adam
 from pyro_bc.models import LeNet300100
 from pyro_bc.priors import GroupNormalJeffreys
@@ -135,6 +143,23 @@ def time_steps(step, batch, steps):
     return 1000 * (time.perf_counter() - started) / steps
 
 
+def peak_memory(step, batch, steps):
+    """MiB of peak resident memory: its rise while ``steps`` steps run, and the peak itself."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(steps):
+        step(*batch)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"training_mib": (after - before) / 1024, "process_peak_mib": after / 1024}
+
+
+def measure_in_subprocess(name, args):
+    """Runs :func:`peak_memory` for one implementation in a fresh interpreter."""
+    command = [sys.executable, __file__, "--memory-of", name, "--steps", str(args.steps)]
+    command += ["--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -142,6 +167,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/speed.json")
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # the subprocess's mode
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pyro.set_rng_seed(0)
@@ -154,6 +180,11 @@ def main():
         "hand-written": step_hand_written,
         "deterministic": step_deterministic,
     }
+    if args.memory_of:
+        step, b = builders[args.memory_of](batch, 60_000)
+        print(json.dumps(peak_memory(step, b, args.steps)))
+        return
+    memory = {name: measure_in_subprocess(name, args) for name in builders}
     steps = {name: build(batch, 60_000) for name, build in builders.items()}
     times = {name: [] for name in builders}
     for _ in range(args.repeats):  # interleaved, so load changes hit every implementation
@@ -165,6 +196,7 @@ def main():
         "ms_per_step_all": times,
         "ratio_pyro_bc_to_hand_written": medians["pyro_bc"] / medians["hand-written"],
         "ratio_hand_written_to_deterministic": medians["hand-written"] / medians["deterministic"],
+        "peak_memory_mib": memory,
         "batch_size": args.batch_size,
         "steps_per_repeat": args.steps,
         "repeats": args.repeats,
@@ -177,9 +209,14 @@ def main():
         print(f"{name:>14}: {median:7.2f} ms/step (median of {args.repeats})")
     print(f"pyro_bc / hand-written: {result['ratio_pyro_bc_to_hand_written']:.2f}")
     print(f"hand-written / deterministic: {result['ratio_hand_written_to_deterministic']:.2f}")
+    for name, m in memory.items():
+        print(
+            f"{name:>14}: peak memory +{m['training_mib']:.1f} MiB while training "
+            f"(process peak {m['process_peak_mib']:.0f} MiB)"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_atomically(out, json.dumps(result, indent=2).encode())
 
 
 if __name__ == "__main__":

@@ -38,6 +38,9 @@ PRIORS = {
 #: the horseshoe: with theta's variance capped, noise groups cost the likelihood nothing at a
 #: unit scale, where the horseshoe's KL is lowest, so their scales never shrink.
 CLIP_VAR = {("lenet300", "gnj"): {"fc1": 0.04}}
+#: priors whose guide starts from a trained network with ``init_from(..., rescale=True)``: the
+#: horseshoe otherwise spends its first epochs moving the weights' magnitude into its scales
+RESCALE_PRIORS = {"ghs"}
 
 
 class CommandError(Exception):
@@ -130,7 +133,7 @@ def run(args):
     checkpoint = out / "checkpoint.pt"
     if args.pretrain_epochs > 0 and not (args.resume and checkpoint.exists()):
         twin = pretrain(network.deterministic(), train_loader, epochs=args.pretrain_epochs)
-        guide.init_from(twin)
+        guide.init_from(twin, rescale=args.prior in RESCALE_PRIORS)
     metadata = {"model": args.model, "prior": args.prior, "dataset_size": len(data.train_x)}
     history = fit(
         model,

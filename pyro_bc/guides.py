@@ -198,16 +198,23 @@ class StructuredGuide(nn.Module):
         return {name: d for layer in self.layers for name, d in layer.distributions().items()}
 
     @torch.no_grad()
-    def init_from(self, network: nn.Module):
+    def init_from(self, network: nn.Module, rescale: bool = False):
         """Sets the weight means so the posterior-mean weights equal a trained network's.
 
         ``network`` is a plain network with the same layer names (e.g. the model's
         ``deterministic()`` twin, trained): ``nn.Linear`` for dense and ``nn.Conv2d`` for conv
         layers. The paper's "compress a trained network" workflow starts here.
 
+        With ``rescale=True`` each group's scale starts at the root mean square of the group's
+        trained weights (:meth:`GroupPrior.set_guide_scale`), so ``theta``'s means have unit
+        root mean square, where its ``N(0, 1)`` prior puts them. Otherwise the group scales keep
+        their initial values (1 for the built-in priors) and ``theta`` carries the trained
+        weights' magnitude; the horseshoe then has to move that magnitude into its scales while
+        it trains, and prunes groups the data need on the way.
+
         Example::
 
-            guide.init_from(trained_lenet)
+            guide.init_from(trained_lenet, rescale=True)
         """
         bayesian = {m.site(): m for m in self.model.modules() if isinstance(m, BayesianLayer)}
         for posterior in self.layers:
@@ -225,6 +232,12 @@ class StructuredGuide(nn.Module):
                     f"{tuple(layer.weight_shape)}, got "
                     f"{None if weight is None else tuple(weight.shape)}"
                 )
+            if rescale:
+                group_dim = 1 if layer.group_side == "input" else 0
+                group_dims = [d for d in range(weight.dim()) if d != group_dim]
+                rms = weight.detach().pow(2).mean(group_dims).sqrt().clamp(min=1e-6)
+                locs = {f.site: f.loc.data for f in posterior.scale_factors}
+                layer.prior.set_guide_scale(posterior.name, locs, rms)
             scale_posteriors = {f.site: f.distribution() for f in posterior.scale_factors}
             mean_z, _ = layer.prior.scale_moments(
                 posterior.name, layer.num_groups, scale_posteriors

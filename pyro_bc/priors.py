@@ -58,6 +58,29 @@ class GroupPrior:
             draws = draw_group_scale(self, name, num_groups, posteriors, MOMENT_SAMPLES)
         return draws.mean(0), draws.var(0)
 
+    def set_guide_scale(self, name: str, locs: dict, scale: torch.Tensor) -> None:
+        """Moves the guide's ``locs`` (site name -> loc tensor, changed in place) so that the
+        posterior group scale is about ``scale`` (shape ``(num_groups,)``).
+
+        :meth:`pyro_bc.StructuredGuide.init_from` uses it with ``rescale=True``. Priors written as
+        plain functions have no such map from scale to guide parameters; subclass
+        :class:`GroupPrior` and override this method to support them.
+
+        Example::
+
+            class LogNormalScales(GroupPrior):
+                def __call__(self, name, num_groups):
+                    prior = dist.LogNormal(torch.zeros(num_groups), 1.0).to_event(1)
+                    return pyro.sample(f"{name}.scale", prior)
+
+                def set_guide_scale(self, name, locs, scale):
+                    locs[f"{name}.scale"].copy_(scale.log())  # the guide is log-normal
+        """
+        raise NotImplementedError(
+            f"{self!r} cannot set its guide's group scale (layer {name!r}): override "
+            "GroupPrior.set_guide_scale, or call init_from(..., rescale=False)"
+        )
+
     def log_dropout_rate(self, name: str, num_groups: int, posteriors: dict) -> torch.Tensor:
         """The pruning quantity: ``log(Var[z] / E[z]^2)`` of the group scale under the guide.
 
@@ -123,6 +146,9 @@ class GroupNormalJeffreys(GroupPrior):
         q = unwrap(posteriors[f"{name}.scale"])
         return q.loc, q.scale.pow(2)
 
+    def set_guide_scale(self, name, locs, scale):
+        locs[f"{name}.scale"].copy_(scale)
+
 
 class GroupHorseshoe(GroupPrior):
     """The group horseshoe: ``w_ij = z_i * s * theta_ij``, ``s ~ C+(0, tau0)``, ``z_i ~ C+(0, 1)``.
@@ -172,6 +198,11 @@ class GroupHorseshoe(GroupPrior):
             "log_var": -9.0 + 0.01 * torch.randn(shape),
         }
 
+    def set_guide_scale(self, name, locs, scale):
+        # log z_i is half the sum of the four locs: the local Gamma factor takes up the change.
+        others = sum(locs[f"{name}.{part}"] for part in ("global_a", "global_b", "local_b"))
+        locs[f"{name}.local_a"].copy_(2 * scale.log() - others)
+
     def log_scale_posterior(self, name, posteriors):
         """Mean and variance of ``log z_i`` (each group's effective scale) under the guide."""
         factors = [
@@ -200,7 +231,8 @@ class RegularizedHorseshoe(GroupHorseshoe):
     Groups the data need keep a scale near ``c`` instead of growing without bound, which keeps
     their weights and therefore their bit widths in check; the rest are shrunk as by the
     horseshoe. Every KL is closed form; the moments of the scale are Monte Carlo (the default of
-    :class:`GroupPrior`), as for any prior a user writes.
+    :class:`GroupPrior`), as for any prior a user writes. :meth:`set_guide_scale` sets the
+    horseshoe's part, which is close to the scale while it is well below ``slab_scale``.
 
     Example::
 

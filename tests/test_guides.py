@@ -1,6 +1,7 @@
 import math
 
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import TraceMeanField_ELBO
@@ -9,6 +10,7 @@ import pyro_bc
 from pyro_bc.models import LeNet5Caffe, LeNet300100
 from pyro_bc.nn import BayesianLinear
 from pyro_bc.poutine import posterior_mean
+from pyro_bc.priors import GroupHorseshoe, GroupNormalJeffreys, GroupPrior
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 
@@ -100,6 +102,50 @@ def test_init_from_a_trained_network_reproduces_it(network):
     with torch.no_grad():
         logits = pyro_bc.predict_logits(model, guide, x)
         torch.testing.assert_close(logits, twin(x), rtol=1e-4, atol=1e-5)
+
+
+class LogNormalScales(GroupPrior):
+    """The example of GroupPrior.set_guide_scale's docstring."""
+
+    def __call__(self, name, num_groups):
+        prior = dist.LogNormal(torch.zeros(num_groups), 1.0).to_event(1)
+        return pyro.sample(f"{name}.scale", prior)
+
+    def set_guide_scale(self, name, locs, scale):
+        locs[f"{name}.scale"].copy_(scale.log())
+
+
+@pytest.mark.parametrize("prior", [GroupNormalJeffreys, GroupHorseshoe, LogNormalScales])
+@pytest.mark.parametrize("network", [LeNet300100, LeNet5Caffe])
+def test_init_from_with_rescale_moves_the_magnitude_into_the_scales(network, prior):
+    model = network(prior=prior())
+    guide = pyro_bc.StructuredGuide(model)
+    twin = network.deterministic()
+    guide.init_from(twin, rescale=True)
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            pyro_bc.predict_logits(model, guide, x), twin(x), rtol=1e-4, atol=1e-5
+        )
+    for posterior in guide.layers:
+        layer = model.get_submodule(posterior.name)
+        theta = posterior.weight.loc.detach()
+        group_dim = 1 if layer.group_side == "input" else 0
+        other_dims = [d for d in range(theta.dim()) if d != group_dim]
+        # the scale's variance is tiny at the start, so E[z] is the group's RMS to ~1e-4
+        rms = theta.pow(2).mean(other_dims).sqrt()
+        torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-3, atol=0)
+
+
+def test_init_from_with_rescale_needs_a_prior_that_can_set_its_scale():
+    def half_cauchy_groups(name, num_groups):
+        return pyro.sample(f"{name}.lam", dist.HalfCauchy(torch.ones(num_groups)).to_event(1))
+
+    model = LeNet300100(prior=half_cauchy_groups)
+    guide = pyro_bc.StructuredGuide(model)
+    with pytest.raises(NotImplementedError, match="fc1.*set_guide_scale"):
+        guide.init_from(LeNet300100.deterministic(), rescale=True)
+    guide.init_from(LeNet300100.deterministic())  # without rescale it works
 
 
 def test_init_from_names_the_missing_layer():
