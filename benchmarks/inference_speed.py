@@ -34,6 +34,7 @@ import torch
 import pyro_bc
 from pyro_bc.cli import MODELS, PRIORS, build
 from pyro_bc.data import load, mnist_loaders
+from pyro_bc.files import write_atomically
 
 
 def build_guide(args):
@@ -139,7 +140,7 @@ def main():
         "processor": platform.processor(),
     }
     path = out / f"inference-speed-{args.model}.json"
-    path.write_text(json.dumps(record, indent=2))
+    write_atomically(path, json.dumps(record, indent=2).encode())
     print(f"wrote {path}")
 
 

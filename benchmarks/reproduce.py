@@ -10,13 +10,14 @@ Recipe (every number below is an argument with this default):
 - SVI: ``pyro_bc.fit`` (TraceMeanField_ELBO with closed-form KLs, local reparameterization),
   Adam lr 1e-3, ``--epochs`` (250 for LeNet-300-100, 100 for LeNet-5-Caffe), the learning rate
   decaying linearly to 0 over the last ``--decay-epochs`` (50 and 20); LeNet-300-100's fc1
-  weight variances clipped at 0.04 with GNJ as in the authors' code (not with the horseshoe,
-  see ``pyro_bc.cli.CLIP_VAR``); the horseshoe with tau0 = 1e-5, its group scales starting at
-  the trained weights' RMS per group (``init_from(..., rescale=True)``, ``--rescale``);
-- compression: ``pyro_bc.compress`` with ``--thresholds`` (default: the authors' -2.8, -3, -5
-  for LeNet-300-100 with GNJ, else -3, the paper's usual value; "auto", the valley of each
-  layer's histogram, keeps groups that are still on their way out when training stops) and the
-  paper's bit-width rule.
+  weight variances clipped at 0.04 as in the authors' code (``pyro_bc.cli.CLIP_VAR``); the
+  horseshoe with tau0 = 1e-5, its group scales starting at the trained weights' RMS per group
+  (``init_from(..., rescale=True)``, ``--rescale``);
+- compression: ``pyro_bc.compress``, pruned inputs replaced by their means over the training
+  set (``calibration``), with ``--thresholds`` (default: the authors' -2.8, -3, -5 for
+  LeNet-300-100 with GNJ, else -3, the paper's usual value; "auto", the valley of each layer's
+  histogram, keeps groups that are still on their way out when training stops) and the paper's
+  bit-width rule.
 
 Each run writes ``benchmarks/results/<network>-<prior>.json``, its figures, and a checkpoint under
 ``benchmarks/runs/`` (resumed if present); ``benchmarks/results/table.md`` is rebuilt from all
@@ -137,7 +138,9 @@ def reproduce(args):
     if args.thresholds is None:
         args.thresholds = DEFAULT_THRESHOLDS.get((args.network, args.prior), "-3")
     thresholds = parse_thresholds(args.thresholds)
-    compressed = pyro_bc.compress(guide, thresholds=thresholds, test_loader=test_loader)
+    compressed = pyro_bc.compress(
+        guide, thresholds=thresholds, test_loader=test_loader, calibration=train_loader
+    )
     name = f"{args.network}-{args.prior}"
     compressed.save(run_dir / f"{name}.bc")
     report = compressed.report

@@ -34,10 +34,11 @@ PRIORS = {
     "ghs": priors.GroupHorseshoe,
     "rhs": priors.RegularizedHorseshoe,
 }
-#: the authors' clipping of the weight variances (their GNJ LeNet-300-100, first layer). Not for
-#: the horseshoe: with theta's variance capped, noise groups cost the likelihood nothing at a
-#: unit scale, where the horseshoe's KL is lowest, so their scales never shrink.
-CLIP_VAR = {("lenet300", "gnj"): {"fc1": 0.04}}
+#: the authors' clipping of the weight variances (their GNJ LeNet-300-100, first layer), for both
+#: priors. Without it the KL of theta pays for pruning whole pixels, and the horseshoe over-prunes
+#: fc1. With it, groups the horseshoe prunes keep some weight: compression replaces their inputs
+#: by their training means (``compress(..., calibration=train_loader)``).
+CLIP_VAR = {("lenet300", "gnj"): {"fc1": 0.04}, ("lenet300", "ghs"): {"fc1": 0.04}}
 #: priors whose guide starts from a trained network with ``init_from(..., rescale=True)``: the
 #: horseshoe otherwise spends its first epochs moving the weights' magnitude into its scales
 RESCALE_PRIORS = {"ghs"}
@@ -99,9 +100,11 @@ def _load_data(source):
         raise CommandError(str(e)) from e
 
 
-def _compress(guide, thresholds, test_loader, out):
+def _compress(guide, thresholds, test_loader, out, calibration=None):
     try:
-        compressed = compress(guide, thresholds=thresholds, test_loader=test_loader)
+        compressed = compress(
+            guide, thresholds=thresholds, test_loader=test_loader, calibration=calibration
+        )
     except ValueError as e:
         raise CommandError(str(e)) from e
     compressed.save(out / "model.bc")
@@ -148,7 +151,7 @@ def run(args):
         metadata=metadata,
     )
     dense = evaluate(model, guide, test_loader, num_samples=args.mc_samples)
-    compressed = _compress(guide, thresholds, test_loader, out)
+    compressed = _compress(guide, thresholds, test_loader, out, calibration=train_loader)
     _figures(guide, compressed, thresholds, out, history)
     summary = {
         **metadata,
@@ -192,12 +195,13 @@ def compress_checkpoint(args):
         raise CommandError(
             f"{args.checkpoint} does not fit --model {model_name} --prior {prior_name}: {e}"
         ) from e
-    test_loader = None
+    train_loader = test_loader = None
     if args.data is not None:
-        test_loader = bc_data.mnist_loaders(_load_data(args.data))[1]
+        train_loader, test_loader = bc_data.mnist_loaders(_load_data(args.data))
     out = Path(args.out or Path(args.checkpoint).parent)
     thresholds = parse_thresholds(args.thresholds)
-    _figures(guide, _compress(guide, thresholds, test_loader, out), thresholds, out)
+    compressed = _compress(guide, thresholds, test_loader, out, calibration=train_loader)
+    _figures(guide, compressed, thresholds, out)
 
 
 def _load_network(path):
@@ -249,7 +253,10 @@ def parser():
     c.add_argument("--model", choices=sorted(MODELS), help="default: from the checkpoint")
     c.add_argument("--prior", choices=sorted(PRIORS), help="default: from the checkpoint")
     c.add_argument("--thresholds", help="'auto', a number, or LAYER=VALUE pairs (default -3)")
-    c.add_argument("--data", help="data to state the test error with ('subset', a directory)")
+    c.add_argument(
+        "--data",
+        help="data for the test error and for the means of pruned inputs ('subset', a directory)",
+    )
     c.add_argument("--out", help="output folder (default: the checkpoint's)")
     c.set_defaults(handler=compress_checkpoint)
 

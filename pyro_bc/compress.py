@@ -229,6 +229,7 @@ class CompressionReport:
     test_error: float | None = None
     test_examples: int | None = None
     dense_test_error: float | None = None
+    calibration_examples: int | None = None
 
     @property
     def architecture(self) -> str:
@@ -308,6 +309,7 @@ class CompressionReport:
             "test_error": self.test_error,
             "test_examples": self.test_examples,
             "dense_test_error": self.dense_test_error,
+            "calibration_examples": self.calibration_examples,
         }
 
     def to_json(self, **kwargs) -> str:
@@ -357,6 +359,11 @@ def _format_report(r):
         f"({r.file_bytes - paper_bytes:+,.0f} B against the accounting)",
         f"multiply-adds    {r.macs:,} -> {r.macs_kept:,} per example (x{r.macs / r.macs_kept:.2f})",
     ]
+    if r.calibration_examples:
+        lines.append(
+            f"biases           hold the mean contribution of the pruned inputs "
+            f"({r.calibration_examples:,} calibration examples)"
+        )
     if r.test_error is not None:
         dense = ""
         if r.dense_test_error is not None:
@@ -809,6 +816,7 @@ def compress(
     bits="auto",
     input_shape=None,
     test_loader=None,
+    calibration=None,
 ) -> CompressedNetwork:
     """Compresses the posterior of ``guide`` into a thinned, quantized :class:`CompressedNetwork`.
 
@@ -834,6 +842,15 @@ def compress(
         for the spatial sizes behind a Flatten and for the multiply-adds of convolutions.
     :param test_loader: optional ``(x, y)`` batches; the report then states the test error of
         the returned network (and of the dense posterior-mean network).
+    :param calibration: optional ``(x, y)`` batches of *training* data. A pruned input is then
+        replaced by its mean instead of by zero: the mean input of every Bayesian layer is
+        measured on the dense posterior-mean network, and ``E[w_ji] * mean_i`` of each pruned
+        input ``i`` is added to the bias of unit ``j`` (for a convolution, the channel's mean
+        over examples and positions times the sum of the filter's taps, exact away from zero
+        padding). Without it a pruned input that is constant but not zero, such as an MNIST
+        border pixel scaled to -1, takes its weights' mean effect with it; the horseshoe, which
+        shrinks such groups less than GNJ does, needs this. Layers without a bias are left as
+        they are.
     :raises ValueError: for a model compress cannot thin (it names the module and lists what is
         supported), thresholds that remove a whole layer, or bad arguments.
 
@@ -846,7 +863,8 @@ def compress(
     model, chain, shape_in, shapes, summaries, chosen, plans = _analyse(
         guide, thresholds, input_shape
     )
-    kept = {site: _thin(summaries[site], plans[site]) for site in plans}
+    means = {} if calibration is None else _input_means(chain, summaries, calibration)
+    kept = {site: _thin(summaries[site], plans[site], means.get(site)) for site in plans}
     frac_bits = _resolve_bits(bits, kept)
     quantized = [kept[site][0] for site, t in frac_bits.items() if t is not None]
     e = exponent_bits(max(w.abs().max().item() for w in quantized)) if quantized else None
@@ -875,6 +893,7 @@ def compress(
     network = CompressedNetwork(modules, input_shape=shape_in, formats=formats)
     network.eval()
     network.report = _make_report(network, layer_reports, e, shape_in, model, guide, test_loader)
+    network.report.calibration_examples = means.get(None)
     return network
 
 
@@ -984,13 +1003,53 @@ def _unique(name, taken):
     return name
 
 
-def _thin(summary, plan):
-    """Kept weight means (float32), their variances and the kept bias means (float32)."""
+def _thin(summary, plan, input_mean=None):
+    """Kept weight means (float32), their variances and the kept bias means (float32), with the
+    mean contribution of the pruned inputs folded into the bias when ``input_mean`` is given."""
     rows, cols = plan.out_keep, plan.in_keep
     weight = summary.weight_mean[rows][:, cols].float()
     var = summary.weight_var[rows][:, cols]
-    bias = None if summary.bias_mean is None else summary.bias_mean[rows].float()
-    return weight, var, bias
+    if summary.bias_mean is None:
+        return weight, var, None
+    bias = summary.bias_mean[rows]
+    if input_mean is not None:
+        dropped = summary.weight_mean[rows][:, ~cols]
+        taps = dropped.flatten(2).sum(-1) if dropped.dim() > 2 else dropped
+        bias = bias + taps @ input_mean[~cols]
+    return weight, var, bias.float()
+
+
+@torch.no_grad()
+def _input_means(chain, summaries, loader):
+    """The mean input of each Bayesian layer of the dense posterior-mean network over
+    ``loader`` (per feature for dense layers, per channel for convolutions), keyed by site;
+    under the key None, the number of examples."""
+    sums, seen = {}, 0
+    for x, _ in loader:
+        x = x.double()
+        for _, module in chain:
+            if isinstance(module, BayesianLayer):
+                site = module.site()
+                total = x.sum(0) if x.dim() == 2 else x.mean((2, 3)).sum(0)
+                sums[site] = sums.get(site, 0) + total
+                summary = summaries[site]
+                if isinstance(module, BayesianLinear):
+                    x = F.linear(x, summary.weight_mean, summary.bias_mean)
+                else:
+                    x = F.conv2d(
+                        x,
+                        summary.weight_mean,
+                        summary.bias_mean,
+                        module.stride,
+                        module.padding,
+                        module.dilation,
+                    )
+            elif not isinstance(module, DROPPED):
+                x = module(x)
+        seen += len(x)
+    if not seen:
+        raise ValueError("compress: the calibration loader yielded no examples")
+    return {site: total / seen for site, total in sums.items()} | {None: seen}
 
 
 def _resolve_bits(bits, kept):

@@ -436,3 +436,54 @@ def test_horseshoe_guides_compress_through_their_moments():
         local_a["fc.local_a"].log_var[:5] = 3.0
     report = pyro_bc.compress(guide).report
     assert report.architecture == "3-48 -> 2-27"  # filter 1's block of 16 inputs goes too
+
+
+def _loader(x):
+    return DataLoader(TensorDataset(x, torch.zeros(len(x), dtype=torch.long)), batch_size=7)
+
+
+def test_calibration_replaces_constant_pruned_pixels_by_their_value():
+    model = LeNet300100()
+    pixels = [0, 1, 2, 27, 400, 783]
+    guide = _set_posterior(pyro_bc.StructuredGuide(model), {"fc1": pixels})
+    constants = torch.linspace(-1, 1, len(pixels))
+
+    def images(n):
+        x = torch.randn(n, 1, 28, 28)
+        x.view(n, -1)[:, pixels] = constants
+        return x
+
+    compressed = pyro_bc.compress(guide, bits=None, calibration=_loader(images(20)))
+    assert compressed.report.calibration_examples == 20
+    assert "calibration examples" in str(compressed.report)
+    x = images(5)
+    with torch.no_grad():
+        dense = pyro_bc.predict_logits(model, guide, x)
+        torch.testing.assert_close(compressed(x), dense, rtol=1e-5, atol=1e-5)
+        uncalibrated = pyro_bc.compress(guide, bits=None)(x)
+    assert (uncalibrated - dense).abs().max() > 1e-2
+
+
+def test_calibration_folds_constant_pruned_filters_and_units_into_the_next_bias():
+    model = LeNet5Caffe()
+    pruned = {"conv1": [2], "fc2": [3]}
+    guide = _set_posterior(pyro_bc.StructuredGuide(model), pruned)
+    with torch.no_grad():  # constant outputs: a filter and a unit that ignore their inputs
+        layers = {layer.name: layer for layer in guide.layers}
+        layers["conv1"].weight.loc[2] = 0.0
+        layers["conv1"].bias.loc[2] = 0.5
+        layers["fc1"].weight.loc[3] = 0.0
+        layers["fc1"].bias.loc[3] = 0.7
+    compressed = pyro_bc.compress(guide, bits=None, calibration=_loader(torch.randn(14, 1, 28, 28)))
+    assert compressed.conv2.in_channels == 19 and compressed.fc2.in_features == 499
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        dense = pyro_bc.predict_logits(model, guide, x)
+        torch.testing.assert_close(compressed(x), dense, rtol=1e-5, atol=1e-5)
+        assert (pyro_bc.compress(guide, bits=None)(x) - dense).abs().max() > 1e-2
+
+
+def test_calibration_needs_examples():
+    guide = _set_posterior(pyro_bc.StructuredGuide(LeNet300100()), {"fc1": [0]})
+    with pytest.raises(ValueError, match="calibration loader yielded no examples"):
+        pyro_bc.compress(guide, calibration=[])
