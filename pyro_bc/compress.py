@@ -53,12 +53,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .nn import BayesianConv2d, BayesianLayer, BayesianLinear
+from .priors import GroupPrior
 
 #: The threshold on log alpha used when none is given (see :func:`compress`).
 DEFAULT_THRESHOLD = -3.0
 #: how far apart (in units of the pruning quantity) two modes must be to count as "kept" and
-#: "pruned"; early in training the histogram has bumps a few nats apart that are neither
-MIN_MODE_SEPARATION = 4.0
+#: "pruned" when the prior does not say (:attr:`GroupPrior.mode_separation`); early in training
+#: the histogram has bumps a few nats apart that are neither
+MIN_MODE_SEPARATION = GroupPrior.mode_separation
 #: The largest number of fraction bits the bit-width rule assigns (float32's significand).
 MAX_FRACTION_BITS = 23
 #: The widest fixed-point integer a layer may need.
@@ -684,7 +686,7 @@ def _summarise(layer, posteriors):
     return _Summary(log_alpha, weight_mean, weight_var, bias_mean)
 
 
-def _resolve_thresholds(thresholds, log_alphas):
+def _resolve_thresholds(thresholds, log_alphas, separations):
     """``{layer: (threshold, how it was chosen)}`` from compress's ``thresholds`` argument."""
     names = list(log_alphas)
     if thresholds is None or isinstance(thresholds, (int, float, str)):
@@ -701,16 +703,19 @@ def _resolve_thresholds(thresholds, log_alphas):
             "compress: thresholds must be None, a number, 'auto' or a dict {layer: number or "
             f"'auto'}}; got {type(thresholds).__name__}"
         )
-    return {name: _threshold(name, thresholds.get(name), log_alphas[name]) for name in names}
+    return {
+        name: _threshold(name, thresholds.get(name), log_alphas[name], separations[name])
+        for name in names
+    }
 
 
-def _threshold(name, value, log_alpha):
+def _threshold(name, value, log_alpha, separation):
     if value is None or isinstance(value, str):
         if value not in (None, "auto"):
             raise ValueError(
                 f"compress: threshold of {name!r} is {value!r}; use a number or 'auto'"
             )
-        valley = histogram_valley(log_alpha)
+        valley = histogram_valley(log_alpha, min_separation=separation)
         if valley is None:
             return DEFAULT_THRESHOLD, "auto: one mode, default"
         return valley, "auto"
@@ -830,7 +835,7 @@ def compress(
         pruning quantity (:func:`histogram_valley`), as the authors advise ("pick a value that
         separates the two modes"), and :data:`DEFAULT_THRESHOLD` ``= -3`` (the authors' value;
         for GNJ: the scale's posterior standard deviation is 22% of its mean) where the
-        histogram has no two modes at least :data:`MIN_MODE_SEPARATION` apart, as early in
+        histogram has no two modes at least the prior's ``mode_separation`` apart, as early in
         training. A fixed -3 is not the default because after long training the kept mode
         drifts up to it and -3 cuts into it (seen on LeNet-300-100: 12.9% error at -3 against
         3.4% at the valley, on the shipped subset after 200 epochs).
@@ -909,7 +914,11 @@ def _analyse(guide, thresholds, input_shape):
     shapes = _trace_shapes(chain, shape_in)
     posteriors = guide.distributions()
     summaries = {layer.site(): _summarise(layer, posteriors) for layer in layers}
-    chosen = _resolve_thresholds(thresholds, {k: s.log_alpha for k, s in summaries.items()})
+    chosen = _resolve_thresholds(
+        thresholds,
+        {k: s.log_alpha for k, s in summaries.items()},
+        {layer.site(): layer.prior.mode_separation for layer in layers},
+    )
     plans = _plan_masks(chain, shapes, summaries, chosen)
     return model, chain, shape_in, shapes, summaries, chosen, plans
 
@@ -931,6 +940,8 @@ class LayerMasks:
     :ivar below_threshold: ``log_alpha < threshold``: the groups the layer's own posterior keeps.
     :ivar in_keep: the kept inputs (dense: input features; conv: input channels).
     :ivar out_keep: the kept outputs (dense: output units; conv: filters).
+    :ivar mode_separation: the prior's :attr:`~pyro_bc.priors.GroupPrior.mode_separation`, which
+        ``"auto"`` thresholds use.
 
     Example::
 
@@ -948,6 +959,7 @@ class LayerMasks:
     out_keep: torch.Tensor
     weight_mean: torch.Tensor
     weight_var: torch.Tensor
+    mode_separation: float = MIN_MODE_SEPARATION
 
     @property
     def groups_kept(self) -> torch.Tensor:
@@ -993,6 +1005,7 @@ def group_masks(guide, thresholds=None, *, input_shape=None) -> dict:
             out_keep=plan.out_keep.clone(),
             weight_mean=summary.weight_mean.clone(),
             weight_var=summary.weight_var.clone(),
+            mode_separation=module.prior.mode_separation,
         )
     return masks
 

@@ -309,7 +309,7 @@ def pruning_histograms(
             linewidth=1.5,
             label=f"threshold {m.threshold:.3g} ({m.threshold_rule})",
         )
-        valley = histogram_valley(m.log_alpha)
+        valley = histogram_valley(m.log_alpha, min_separation=m.mode_separation)
         if valley is not None and abs(valley - m.threshold) > 1e-9:
             ax.axvline(
                 valley, color="tab:orange", linestyle="--", label=f"valley ('auto') {valley:.3g}"

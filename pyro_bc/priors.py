@@ -38,6 +38,11 @@ class GroupPrior:
     any prior: moments by Monte Carlo through :func:`pyro_bc.poutine.draw_group_scale`.
     """
 
+    #: how far apart (in units of the pruning quantity) the kept and the pruned mode of a layer's
+    #: histogram must be for ``compress(thresholds="auto")`` to split them
+    #: (:func:`pyro_bc.compress.histogram_valley`); closer bumps are read as one mode.
+    mode_separation: float = 4.0
+
     def __call__(self, name: str, num_groups: int) -> torch.Tensor:
         raise NotImplementedError
 
@@ -173,6 +178,11 @@ class GroupHorseshoe(GroupPrior):
 
         model = LeNet5Caffe(prior=GroupHorseshoe(tau0=1e-5), dataset_size=60_000)
     """
+
+    #: A group at its prior has ``V_i`` about ``(pi^2/2 + pi^2/2) / 4``, so its pruning quantity is
+    #: at most about ``log(exp(2.47) - 1) = 2.4``: the pruned mode sits a few units above the
+    #: kept one, not ten or more as with the normal-Jeffreys prior's unbounded ``log alpha``.
+    mode_separation = 2.0
 
     def __init__(self, tau0: float = 1e-5):
         if not tau0 > 0:

@@ -15,6 +15,7 @@ from pyro_bc.compress import (
     dequantize,
     exponent_bits,
     fixed_point_width,
+    group_masks,
     histogram_valley,
     quantize,
     significand_bits,
@@ -487,3 +488,27 @@ def test_calibration_needs_examples():
     guide = _set_posterior(pyro_bc.StructuredGuide(LeNet300100()), {"fc1": [0]})
     with pytest.raises(ValueError, match="calibration loader yielded no examples"):
         pyro_bc.compress(guide, calibration=[])
+
+
+def test_auto_threshold_uses_the_priors_mode_separation():
+    from pyro_bc.priors import GroupHorseshoe
+
+    model = BayesianNetwork(
+        OrderedDict(fc=BayesianLinear(300, 2, prior=GroupHorseshoe())), input_shape=(300,)
+    )
+    guide = pyro_bc.StructuredGuide(model)
+    g = torch.Generator().manual_seed(0)
+    # kept groups near log alpha -4, pruned near -0.7: modes 3.3 apart, as the horseshoe gives
+    log_alpha = torch.cat([-4 + 0.4 * torch.randn(200, generator=g), -0.7 + 0.1 * torch.rand(100)])
+    with torch.no_grad():
+        factors = {f.site.rsplit(".", 1)[-1]: f for f in guide.layers[0].scale_factors}
+        for factor in factors.values():
+            factor.log_var.fill_(-20.0)
+        # log alpha = log(expm1(V)), V = (sum of the four log-variances) / 4
+        factors["local_a"].log_var.copy_((4 * log_alpha.exp().log1p()).log())
+    masks = group_masks(guide, "auto")["fc"]
+    torch.testing.assert_close(masks.log_alpha, log_alpha, rtol=1e-4, atol=1e-4)
+    assert masks.threshold_rule == "auto" and -2.8 < masks.threshold < -0.7
+    assert masks.groups_kept.sum() == 200
+    # the normal-Jeffreys prior's separation reads the same histogram as one mode
+    assert histogram_valley(log_alpha) is None
