@@ -242,7 +242,7 @@ def parser():
     r.add_argument("--batch-size", type=int, default=128)
     r.add_argument("--lr", type=float, default=1e-3)
     r.add_argument("--mc-samples", type=int, default=10)
-    r.add_argument("--thresholds", help="'auto', a number, or LAYER=VALUE pairs (default -3)")
+    r.add_argument("--thresholds", help="'auto' (default), a number, or LAYER=VALUE pairs")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     r.add_argument("--out", default="runs/latest", help="output folder")
@@ -252,7 +252,7 @@ def parser():
     c.add_argument("checkpoint")
     c.add_argument("--model", choices=sorted(MODELS), help="default: from the checkpoint")
     c.add_argument("--prior", choices=sorted(PRIORS), help="default: from the checkpoint")
-    c.add_argument("--thresholds", help="'auto', a number, or LAYER=VALUE pairs (default -3)")
+    c.add_argument("--thresholds", help="'auto' (default), a number, or LAYER=VALUE pairs")
     c.add_argument(
         "--data",
         help="data for the test error and for the means of pruned inputs ('subset', a directory)",

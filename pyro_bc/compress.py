@@ -1039,6 +1039,7 @@ def _input_means(chain, summaries, loader):
     under the key None, the number of examples."""
     sums, seen = {}, 0
     for x, _ in loader:
+        seen += len(x)
         x = x.double()
         for _, module in chain:
             if isinstance(module, BayesianLayer):
@@ -1059,7 +1060,6 @@ def _input_means(chain, summaries, loader):
                     )
             elif not isinstance(module, DROPPED):
                 x = module(x)
-        seen += len(x)
     if not seen:
         raise ValueError("compress: the calibration loader yielded no examples")
     return {site: total / seen for site, total in sums.items()} | {None: seen}
