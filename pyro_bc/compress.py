@@ -1037,29 +1037,25 @@ def _input_means(chain, summaries, loader):
     """The mean input of each Bayesian layer of the dense posterior-mean network over
     ``loader`` (per feature for dense layers, per channel for convolutions), keyed by site;
     under the key None, the number of examples."""
+    steps = []  # (site of a Bayesian layer or None, the module that computes the next input)
+    for _, module in chain:
+        if isinstance(module, BayesianLayer):
+            summary = summaries[module.site()]
+            weight = summary.weight_mean.float()
+            bias = None if summary.bias_mean is None else summary.bias_mean.float()
+            steps.append(
+                (module.site(), _thinned_layer(module.site(), module, weight, bias, None)[0])
+            )
+        elif not isinstance(module, DROPPED):
+            steps.append((None, module))
     sums, seen = {}, 0
     for x, _ in loader:
         seen += len(x)
-        x = x.double()
-        for _, module in chain:
-            if isinstance(module, BayesianLayer):
-                site = module.site()
-                total = x.sum(0) if x.dim() == 2 else x.mean((2, 3)).sum(0)
+        for site, module in steps:
+            if site is not None:
+                total = x.double().sum(0) if x.dim() == 2 else x.double().mean((2, 3)).sum(0)
                 sums[site] = sums.get(site, 0) + total
-                summary = summaries[site]
-                if isinstance(module, BayesianLinear):
-                    x = F.linear(x, summary.weight_mean, summary.bias_mean)
-                else:
-                    x = F.conv2d(
-                        x,
-                        summary.weight_mean,
-                        summary.bias_mean,
-                        module.stride,
-                        module.padding,
-                        module.dilation,
-                    )
-            elif not isinstance(module, DROPPED):
-                x = module(x)
+            x = module(x)
     if not seen:
         raise ValueError("compress: the calibration loader yielded no examples")
     return {site: total / seen for site, total in sums.items()} | {None: seen}
