@@ -19,10 +19,7 @@ from torch import nn
 from torch.distributions import biject_to, constraints
 
 from .distributions import NormalLogVar
-from .nn import BayesianLayer
-
-#: the role a guide marks its weight and bias sites with (``infer={"bc_role": ...}``)
-WEIGHT_ROLE = "weight"
+from .nn import WEIGHT_ROLE, BayesianLayer
 
 
 class _SiteShapes(Messenger):

@@ -22,6 +22,10 @@ from torch import nn
 from .distributions import StandardNormal
 from .priors import GroupNormalJeffreys, as_prior
 
+#: the role a guide marks its weight and bias sites with (``infer={"bc_role": ...}``): layers
+#: compute their outputs from these sites' distributions under :mod:`pyro_bc.poutine`
+WEIGHT_ROLE = "weight"
+
 
 class BayesianLayer(PyroModule):
     """Base class of layers with a group-scale prior and non-centred weights ``w = z * theta``.

@@ -20,48 +20,11 @@ Example::
 from __future__ import annotations
 
 import torch
-from pyro import poutine
 from pyro.poutine.messenger import Messenger
 
 from .distributions import normal_moments
-from .guides import WEIGHT_ROLE
-
-
-class _PosteriorDraws(Messenger):
-    """Replaces every sample site by a draw of ``sample_shape`` from the recorded posterior."""
-
-    def __init__(self, posteriors, sample_shape):
-        super().__init__()
-        self.posteriors = posteriors
-        self.sample_shape = torch.Size(sample_shape)
-
-    def _pyro_sample(self, msg):
-        name = msg["name"]
-        if name not in self.posteriors:
-            raise KeyError(
-                f"no guide distribution recorded for site {name!r}: run the guide inside the "
-                "same pyro_bc.poutine handler as the model"
-            )
-        value = self.posteriors[name].rsample(self.sample_shape)
-        if value.dim() == len(self.sample_shape):
-            # A scalar site (e.g. a layer's global scale) broadcasts against the groups.
-            value = value.unsqueeze(-1)
-        msg["value"] = value
-        msg["done"] = True
-
-
-def draw_group_scale(prior, name, num_groups, posteriors, num_draws):
-    """Draws the group scale ``num_draws`` times from the guide: shape ``(num_draws, num_groups)``.
-
-    Reruns the prior's Pyro model with each of its sites drawn from ``posteriors`` (site name ->
-    guide distribution), so it works for any prior, including a user's function.
-
-    Example::
-
-        z = draw_group_scale(layer.prior, "fc1", 784, guide.distributions(), num_draws=128)
-    """
-    with poutine.block(), _PosteriorDraws(posteriors, (num_draws,)):
-        return prior(name, num_groups)
+from .nn import WEIGHT_ROLE
+from .priors import draw_group_scale
 
 
 class _PosteriorRecorder(Messenger):

@@ -23,10 +23,49 @@ import math
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
+from pyro.poutine.messenger import Messenger
 
 from .distributions import ImproperLogUniform, unwrap
 
 MOMENT_SAMPLES = 4096
+
+
+class _PosteriorDraws(Messenger):
+    """Replaces every sample site by a draw of ``sample_shape`` from the recorded posterior."""
+
+    def __init__(self, posteriors, sample_shape):
+        super().__init__()
+        self.posteriors = posteriors
+        self.sample_shape = torch.Size(sample_shape)
+
+    def _pyro_sample(self, msg):
+        name = msg["name"]
+        if name not in self.posteriors:
+            raise KeyError(
+                f"no guide distribution recorded for site {name!r}: run the guide inside the "
+                "same pyro_bc.poutine handler as the model"
+            )
+        value = self.posteriors[name].rsample(self.sample_shape)
+        if value.dim() == len(self.sample_shape):
+            # A scalar site (e.g. a layer's global scale) broadcasts against the groups.
+            value = value.unsqueeze(-1)
+        msg["value"] = value
+        msg["done"] = True
+
+
+def draw_group_scale(prior, name, num_groups, posteriors, num_draws):
+    """Draws the group scale ``num_draws`` times from the guide: shape ``(num_draws, num_groups)``.
+
+    Reruns the prior's Pyro model with each of its sites drawn from ``posteriors`` (site name ->
+    guide distribution), so it works for any prior, including a user's function.
+
+    Example::
+
+        z = draw_group_scale(layer.prior, "fc1", 784, guide.distributions(), num_draws=128)
+    """
+    with poutine.block(), _PosteriorDraws(posteriors, (num_draws,)):
+        return prior(name, num_groups)
 
 
 class GroupPrior:
@@ -35,7 +74,7 @@ class GroupPrior:
     Subclasses implement :meth:`__call__` (the Pyro model) and may override :meth:`guide_init`
     (initial values of the guide's parameters for one site) and :meth:`scale_moments` (posterior
     mean and variance of the group scale given the guide's distributions). The defaults work for
-    any prior: moments by Monte Carlo through :func:`pyro_bc.poutine.draw_group_scale`.
+    any prior: moments by Monte Carlo through :func:`draw_group_scale`.
     """
 
     #: how far apart (in units of the pruning quantity) the kept and the pruned mode of a layer's
@@ -55,8 +94,6 @@ class GroupPrior:
 
         ``posteriors`` maps each of this prior's site names to its guide distribution.
         """
-        from .poutine import draw_group_scale
-
         # A fixed seed keeps compression a deterministic function of the guide.
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(0)

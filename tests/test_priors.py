@@ -10,8 +10,13 @@ from pyro.infer import TraceMeanField_ELBO
 import pyro_bc
 from pyro_bc.models import LeNet5Caffe
 from pyro_bc.nn import BayesianLinear
-from pyro_bc.poutine import draw_group_scale, local_reparameterization
-from pyro_bc.priors import GroupHorseshoe, GroupNormalJeffreys, RegularizedHorseshoe
+from pyro_bc.poutine import local_reparameterization
+from pyro_bc.priors import (
+    GroupHorseshoe,
+    GroupNormalJeffreys,
+    RegularizedHorseshoe,
+    draw_group_scale,
+)
 
 BUILT_IN = [GroupNormalJeffreys(), GroupHorseshoe(), RegularizedHorseshoe()]
 
