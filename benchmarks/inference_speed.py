@@ -32,7 +32,7 @@ import pyro
 import torch
 
 import pyro_bc
-from pyro_bc.cli import MODELS, PRIORS, build
+from pyro_bc.models import MODELS, PRIORS, build
 from pyro_bc.data import load, mnist_loaders
 from pyro_bc.files import write_atomically
 
