@@ -32,9 +32,9 @@ import pyro
 import torch
 
 import pyro_bc
-from pyro_bc.models import MODELS, PRIORS, build
 from pyro_bc.data import load, mnist_loaders
 from pyro_bc.files import write_atomically
+from pyro_bc.models import MODELS, PRIORS, build
 
 
 def build_guide(args):

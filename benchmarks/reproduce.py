@@ -41,9 +41,9 @@ import torch
 
 import pyro_bc
 from pyro_bc.cli import parse_thresholds
-from pyro_bc.models import build, recipe
 from pyro_bc.data import load, mnist_loaders
 from pyro_bc.files import write_atomically
+from pyro_bc.models import build, recipe
 
 RESULTS = Path(__file__).parent / "results"
 RUNS = Path(__file__).parent / "runs"
