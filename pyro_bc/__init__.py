@@ -11,10 +11,11 @@ Example::
     pyro_bc.fit(model, guide, train_loader, epochs=200)
 """
 
-from . import distributions, nn, poutine, priors
+from . import convert, distributions, nn, poutine, priors
 from .audit import kl_audit
 from .codec import load
 from .compress import CompressedNetwork, compress
+from .convert import bayesianize
 from .guides import StructuredGuide
 from .infer import evaluate, fit, load_checkpoint, predict_logits
 
@@ -23,7 +24,9 @@ __version__ = "0.1.0"
 __all__ = [
     "CompressedNetwork",
     "StructuredGuide",
+    "bayesianize",
     "compress",
+    "convert",
     "distributions",
     "evaluate",
     "fit",
