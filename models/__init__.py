@@ -2,5 +2,16 @@
 
 from .lenet import LeNet5Caffe, LeNet300100
 from .recipes import MODELS, PRIORS, RECIPES, Recipe, build, recipe
+from .vgg import VGG16
 
-__all__ = ["MODELS", "PRIORS", "RECIPES", "LeNet300100", "LeNet5Caffe", "Recipe", "build", "recipe"]
+__all__ = [
+    "MODELS",
+    "PRIORS",
+    "RECIPES",
+    "VGG16",
+    "LeNet300100",
+    "LeNet5Caffe",
+    "Recipe",
+    "build",
+    "recipe",
+]

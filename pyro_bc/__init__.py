@@ -13,10 +13,11 @@ Example::
     compressed.save("lenet300.bc")            # pyro_bc.load("lenet300.bc") gives it back
 """
 
-from . import distributions, nn, poutine, priors
+from . import convert, distributions, nn, poutine, priors
 from .audit import kl_audit
 from .compressed import CompressedNetwork, load, save
 from .compression import compress, group_masks
+from .convert import bayesianize
 from .guides import StructuredGuide
 from .infer import evaluate, fit, load_checkpoint, predict_logits
 
@@ -25,7 +26,9 @@ __version__ = "0.1.0"
 __all__ = [
     "CompressedNetwork",
     "StructuredGuide",
+    "bayesianize",
     "compress",
+    "convert",
     "distributions",
     "evaluate",
     "fit",

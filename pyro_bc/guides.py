@@ -202,9 +202,17 @@ class StructuredGuide(nn.Module):
         ``deterministic()`` twin, trained): ``nn.Linear`` for dense and ``nn.Conv2d`` for conv
         layers. The paper's "compress a trained network" workflow starts here.
 
+        A conv layer with batch norm reads it from the module registered right after its
+        ``nn.Conv2d`` (an ``nn.BatchNorm2d``, e.g. ``conv1`` then ``bn1``) and sets the model's
+        batch norm, a point estimate, so that in eval mode the posterior-mean layer equals the
+        trained pair: the trained conv's bias moves into the running mean, and ``E[z]`` is
+        divided out of the batch norm's affine parameters (batch norm normalises ``theta``'s
+        magnitude away in training, so the group scale keeps its initial value).
+
         With ``rescale=True`` each group's scale starts at the root mean square of the group's
         trained weights (:meth:`GroupPrior.set_guide_scale`), so ``theta``'s means have unit
-        root mean square, where its ``N(0, 1)`` prior puts them. Otherwise the group scales keep
+        root mean square, where its ``N(0, 1)`` prior puts them (with batch norm, the running
+        statistics take up that factor instead of the scale). Otherwise the group scales keep
         their initial values (1 for the built-in priors) and ``theta`` carries the trained
         weights' magnitude; the horseshoe then has to move that magnitude into its scales while
         it trains, and prunes groups the data need on the way.
@@ -229,6 +237,9 @@ class StructuredGuide(nn.Module):
                     f"{tuple(layer.weight_shape)}, got "
                     f"{None if weight is None else tuple(weight.shape)}"
                 )
+            if getattr(layer, "batch_norm", None) is not None:
+                _init_batch_norm_layer(layer, posterior, network, weight, source, rescale)
+                continue
             if rescale:
                 group_dims = [d for d in range(weight.dim()) if d != layer.group_dim]
                 rms = weight.detach().pow(2).mean(group_dims).sqrt().clamp(min=1e-6)
@@ -246,3 +257,52 @@ class StructuredGuide(nn.Module):
                     bias = bias / mean_z.reshape(-1)
                 posterior.bias.loc.copy_(bias)
         return self
+
+
+def _next_module(network, name):
+    """The module registered right after ``name`` in its parent, or None."""
+    parent_name, _, child = name.rpartition(".")
+    parent = network.get_submodule(parent_name) if parent_name else network
+    names = list(parent._modules)
+    following = names.index(child) + 1
+    return parent._modules[names[following]] if following < len(names) else None
+
+
+def _init_batch_norm_layer(layer, posterior, network, weight, conv, rescale):
+    name = posterior.name
+    trained = _next_module(network, name)
+    if (
+        not isinstance(trained, nn.BatchNorm2d)
+        or trained.num_features != layer.out_channels
+        or not trained.track_running_stats
+    ):
+        raise ValueError(
+            f"init_from: layer {name!r} has batch norm, so {type(network).__name__} must follow "
+            f"its conv {name!r} by an nn.BatchNorm2d({layer.out_channels}) with running "
+            f"statistics; got {trained!r}"
+        )
+    weight = weight.detach()
+    mean = trained.running_mean.detach().clone()
+    var = trained.running_var.detach().clone()
+    ones = torch.ones_like(mean)
+    gamma = trained.weight.detach() if trained.affine else ones
+    beta = trained.bias.detach() if trained.affine else torch.zeros_like(mean)
+    if getattr(conv, "bias", None) is not None:
+        # a bias in front of batch norm only shifts the mean it subtracts
+        mean = mean - conv.bias.detach()
+    slope = gamma / (var + trained.eps).sqrt()
+    rms = ones
+    if rescale:
+        rms = weight.pow(2).mean((1, 2, 3)).sqrt().clamp(min=1e-6)
+        weight = weight / rms[:, None, None, None]
+        mean, var = mean / rms, var / rms.pow(2)
+    target = layer.batch_norm
+    scale_posteriors = {f.site: f.distribution() for f in posterior.scale_factors}
+    mean_z, _ = layer.prior.scale_moments(name, layer.num_groups, scale_posteriors)
+    posterior.weight.loc.copy_(weight)
+    target.running_mean.copy_(mean)
+    target.running_var.copy_(var)
+    # in eval mode E[z] (gamma' (h' - mean) / sqrt(var + eps') + beta') is the trained map of h
+    target.weight.copy_(slope * rms * (var + target.eps).sqrt() / mean_z)
+    target.bias.copy_(beta / mean_z)
+    target.num_batches_tracked.copy_(trained.num_batches_tracked)

@@ -84,7 +84,7 @@ class TrainingStep:
     ):
         self.model = model
         self.guide = guide
-        self.optimizer = optimizer or adam(guide.parameters(), lr=lr)
+        self.optimizer = optimizer or adam([*guide.parameters(), *model.parameters()], lr=lr)
         self.elbo = MeanFieldELBO(num_particles=num_particles)
         self.handler = (
             bc_poutine.local_reparameterization

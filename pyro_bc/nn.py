@@ -5,6 +5,11 @@ output channel), standard-normal weights ``theta`` and, optionally, a bias, and 
 of the layer with weights ``w = z * theta``. The output goes through the effectful operation
 :func:`preactivation`, so handlers in :mod:`pyro_bc.poutine` can compute it from the guide's
 distributions instead (local reparameterization, posterior means) without changing the model.
+
+What compression reads from a layer: :attr:`BayesianLayer.kind` (``"dense"`` or ``"conv"``),
+:attr:`BayesianLayer.group_dim` (the weight axis the groups index), and
+:meth:`BayesianLayer.plain_weights` (the weight and bias of the plain layer that computes the
+layer's output for given scale and weights, batch norm folded in).
 """
 
 from __future__ import annotations
@@ -96,12 +101,51 @@ class BayesianLayer(PyroModule):
     def check_thinnable(self) -> None:
         """Raises a ``ValueError`` naming the layer if compression cannot remove its groups."""
 
+    def output_affine(self):
+        """The per-output affine map ``h -> a h + c`` the layer applies in eval mode between its
+        weights and its group scale (batch norm), as ``(a, c)``; None when there is none.
+
+        Example::
+
+            a, c = conv_bn.output_affine()
+        """
+        return None
+
     def apply(self, x, z, weight, bias):
         """The layer's output for group scale ``z`` (``(G,)`` or per example ``(B, G)``)."""
         raise NotImplementedError
 
     def moments(self, x, z, weight_loc, weight_var, bias_loc, bias_var):
         """Mean and variance of the output when ``theta ~ N(weight_loc, weight_var)``."""
+        raise NotImplementedError
+
+    def sample_output(self, x, z, weight_loc, weight_var, bias_loc, bias_var):
+        """One draw of the output with ``theta ~ N(weight_loc, weight_var)`` drawn per example.
+
+        Local reparameterization (:func:`pyro_bc.poutine.local_reparameterization`) calls it with
+        a scale ``z`` of shape ``(B, G)``: one draw per example. The output is Gaussian given
+        ``z``, so the default samples ``N(mean, var)`` from :meth:`moments`.
+
+        Example::
+
+            out = layer.sample_output(x, z, weight_loc, weight_var, bias_loc, bias_var)
+        """
+        mean, var = self.moments(x, z, weight_loc, weight_var, bias_loc, bias_var)
+        # clamp keeps the square root's gradient finite where the variance is exactly zero
+        return mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
+
+    def plain_weights(self, z, weight, bias):
+        """Weight and bias of the plain layer (``F.linear`` or ``F.conv2d`` with this layer's
+        options) whose output equals :meth:`apply` for scale ``z`` of shape ``(G,)``.
+
+        Batch norm, if the layer has it, is folded in with its evaluation-mode statistics, so
+        the equality holds in eval mode. With ``z = E[z]`` and the weight and bias means this is
+        the posterior-mean network that compression thins and quantizes.
+
+        Example::
+
+            weight, bias = layer.plain_weights(mean_z, weight_loc, bias_loc)
+        """
         raise NotImplementedError
 
 
@@ -137,19 +181,39 @@ class BayesianLinear(BayesianLayer):
         layer = nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias is not None)
         return _set_parameters(layer, weight, bias)
 
+    def plain_weights(self, z, weight, bias):
+        return weight * z, bias
+
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, bias={self.has_bias}, prior={self.prior}"
 
 
 class BayesianConv2d(BayesianLayer):
-    """A 2-d convolution with one group scale per output channel (filter).
+    """A 2-d convolution with one group scale per output channel (filter), optionally followed by
+    batch norm.
 
-    The scale multiplies the whole filter's output, bias included: ``(conv(x, theta) + b) * z``, so
-    a pruned filter outputs exactly zero. Supports stride, padding, dilation and groups.
+    Without batch norm the scale multiplies the whole filter's output, bias included:
+    ``(conv(x, theta) + b) * z``, so a pruned filter outputs exactly zero. Supports stride,
+    padding, dilation and groups.
+
+    **Batch norm** (``batch_norm=True``): the layer owns an ``nn.BatchNorm2d`` (attribute
+    :attr:`batch_norm`) and the scale sits *after* it: ``z * BN(conv(x, theta))``. In training
+    mode batch norm divides out any per-channel factor in front of it, so a scale placed before
+    it would change nothing and could prune nothing; after it, a channel with ``z = 0`` outputs
+    exactly zero in training and in eval mode. Local reparameterization (:meth:`sample_output`)
+    samples the convolution's output from its Gaussian moments, normalises that sample, then
+    multiplies it by the per-example scale. The batch norm's affine parameters and running
+    statistics are point estimates held by the model, not the guide: Pyro's ``SVI`` and
+    :func:`pyro_bc.fit` train the affine parameters along with the guide. Batch norm cancels a
+    bias in front of it, so such a layer has none (``bias=False``). In eval mode batch norm is
+    the per-channel affine map ``a h + c`` (:meth:`batch_norm_affine`), so the posterior-mean
+    layer ``E[z] (a conv(x, mu) + c)`` is the plain convolution with weight ``E[z] a mu`` and
+    bias ``E[z] c`` (:meth:`plain_weights`), which is what compression folds.
 
     Example::
 
         conv = BayesianConv2d(1, 20, 5, prior=GroupNormalJeffreys())
+        conv_bn = BayesianConv2d(3, 64, 3, padding=1, bias=False, batch_norm=True)
     """
 
     kind = "conv"
@@ -166,12 +230,20 @@ class BayesianConv2d(BayesianLayer):
         groups=1,
         bias=True,
         prior=None,
+        batch_norm=False,
+        bn_eps=1e-5,
+        bn_momentum=0.1,
     ):
         kernel_size = nn.modules.utils._pair(kernel_size)
         if in_channels % groups or out_channels % groups:
             raise ValueError(
                 f"BayesianConv2d: in_channels ({in_channels}) and out_channels ({out_channels}) "
                 f"must both be divisible by groups ({groups})"
+            )
+        if batch_norm and bias:
+            raise ValueError(
+                "BayesianConv2d: batch_norm=True cancels the convolution's bias; pass bias=False "
+                "(pyro_bc.convert.bayesianize folds a trained bias into the batch norm)"
             )
         shape = (out_channels, in_channels // groups, *kernel_size)
         super().__init__(shape, out_channels, prior, bias)
@@ -182,12 +254,37 @@ class BayesianConv2d(BayesianLayer):
         self.padding = padding if isinstance(padding, str) else nn.modules.utils._pair(padding)
         self.dilation = nn.modules.utils._pair(dilation)
         self.groups = groups
+        # the nn.BatchNorm2d between the convolution and the scale, or None (a registered
+        # child either way, so that _bn can read it from _modules)
+        self.add_module(
+            "batch_norm",
+            nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum) if batch_norm else None,
+        )
+
+    @property
+    def _bn(self):
+        # Read past PyroModule.__getattr__, which would register the module's parameters in the
+        # param store under a name that two models with the same layer names share.
+        return self._modules["batch_norm"]
+
+    def forward(self, x):
+        if self._bn is not None:
+            # Point estimates of the model: registered under a name unique to this layer so that
+            # pyro.infer.SVI's optimizer finds them and two models never share them.
+            pyro.module(f"{self.site('batch_norm')}_{id(self):x}", self._bn)
+        return super().forward(x)
 
     def _conv(self, x, weight, bias):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
+    def _conv_moments(self, x, weight_loc, weight_var, bias_loc, bias_var):
+        return self._conv(x, weight_loc, bias_loc), self._conv(x.pow(2), weight_var, bias_var)
+
     def apply(self, x, z, weight, bias):
-        return self._conv(x, weight, bias) * _per_channel(z)
+        out = self._conv(x, weight, bias)
+        if self._bn is not None:
+            out = self._bn(out)
+        return out * _per_channel(z)
 
     def plain_layer(self, weight, bias):
         layer = nn.utils.skip_init(
@@ -212,9 +309,52 @@ class BayesianConv2d(BayesianLayer):
 
     def moments(self, x, z, weight_loc, weight_var, bias_loc, bias_var):
         z = _per_channel(z)
-        mean = self._conv(x, weight_loc, bias_loc) * z
-        var = self._conv(x.pow(2), weight_var, bias_var) * z.pow(2)
-        return mean, var
+        mean, var = self._conv_moments(x, weight_loc, weight_var, bias_loc, bias_var)
+        if self._bn is not None:
+            if self._bn.training:
+                raise ValueError(
+                    f"{self.site()}: in training mode batch norm uses the batch's statistics, so "
+                    "the output has no Gaussian moments; use sample_output, or eval mode"
+                )
+            a, c = (t[:, None, None] for t in self.batch_norm_affine())
+            mean, var = a * mean + c, a.pow(2) * var
+        return mean * z, var * z.pow(2)
+
+    def sample_output(self, x, z, weight_loc, weight_var, bias_loc, bias_var):
+        if self._bn is None:
+            return super().sample_output(x, z, weight_loc, weight_var, bias_loc, bias_var)
+        mean, var = self._conv_moments(x, weight_loc, weight_var, bias_loc, bias_var)
+        # clamp keeps the square root's gradient finite where the variance is exactly zero
+        sample = mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
+        return self._bn(sample) * _per_channel(z)
+
+    def output_affine(self):
+        return None if self._bn is None else self.batch_norm_affine()
+
+    def batch_norm_affine(self):
+        """The batch norm in eval mode as a per-channel affine map ``h -> a h + c``: ``(a, c)``.
+
+        ``a = gamma / sqrt(running_var + eps)`` and ``c = beta - a running_mean``, each of shape
+        ``(out_channels,)``. Raises for a layer without batch norm.
+
+        Example::
+
+            a, c = conv.batch_norm_affine()
+            # in eval mode: conv.batch_norm(h) == a[:, None, None] * h + c[:, None, None]
+        """
+        bn = self._bn
+        if bn is None:
+            raise ValueError(f"{self.site()} has no batch norm (built with batch_norm=False)")
+        a = bn.weight / (bn.running_var + bn.eps).sqrt()
+        return a, bn.bias - a * bn.running_mean
+
+    def plain_weights(self, z, weight, bias):
+        z = z.reshape(-1)
+        if self._bn is None:
+            return weight * _per_filter(z), None if bias is None else bias * z
+        a, c = self.batch_norm_affine()
+        shift = c if bias is None else a * bias + c
+        return weight * _per_filter(z * a), z * shift
 
     def extra_repr(self):
         return (
@@ -234,6 +374,10 @@ def _set_parameters(layer, weight, bias):
     if bias is not None:
         layer.bias.copy_(bias)
     return layer
+
+
+def _per_filter(z):
+    return z[:, None, None, None]
 
 
 def _apply_sampled(layer, x, z, weight, bias):

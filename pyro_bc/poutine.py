@@ -19,7 +19,6 @@ Example::
 
 from __future__ import annotations
 
-import torch
 from pyro.poutine.messenger import Messenger
 
 from .distributions import normal_moments
@@ -74,9 +73,7 @@ class LocalReparameterizationMessenger(_PosteriorRecorder):
         z = draw_group_scale(
             layer.prior, layer.site(), layer.num_groups, self.posteriors, x.shape[0]
         )
-        mean, var = layer.moments(x, z, weight_loc, weight_var, bias_loc, bias_var)
-        # clamp keeps the square root's gradient finite where the variance is exactly zero
-        msg["value"] = mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
+        msg["value"] = layer.sample_output(x, z, weight_loc, weight_var, bias_loc, bias_var)
         msg["done"] = True
 
 

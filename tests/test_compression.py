@@ -81,7 +81,33 @@ def _custom_chain():
     )
 
 
+def _batch_norm_chain():
+    """Convolutions with batch norm (the scale after it) and non-trivial running statistics."""
+    model = BayesianNetwork(
+        OrderedDict(
+            conv1=BayesianConv2d(2, 6, 3, padding=1, bias=False, batch_norm=True),
+            relu1=nn.ReLU(),
+            pool=nn.MaxPool2d(2),
+            conv2=BayesianConv2d(6, 4, 3, bias=False, batch_norm=True),
+            relu2=nn.ReLU(),
+            flatten=nn.Flatten(),
+            fc=BayesianLinear(4 * 2 * 2, 3),
+        ),
+        input_shape=(2, 8, 8),
+    )
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for conv in (model.conv1, model.conv2):
+            bn = conv.batch_norm
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=g))
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            bn.weight.copy_(torch.randn(bn.num_features, generator=g))
+            bn.bias.copy_(torch.randn(bn.num_features, generator=g))
+    return model
+
+
 CASES = {
+    "batch norm": (_batch_norm_chain, {"conv1": [1, 4], "conv2": [2], "fc": [0, 5, 6]}),
     "lenet300": (
         LeNet300100,
         {"fc1": range(0, 784, 3), "fc2": [0, 5, 7, 99, 150], "fc3": [1, 2, 50]},

@@ -269,7 +269,7 @@ def _layer_report(link, analysis, kept, frac_bits, bit_rules, e, widths):
         threshold_rule=analysis.thresholds[site][1],
         weights=total,
         weights_kept=weights_kept,
-        biases=layer.weight_shape[0] if layer.has_bias else 0,
+        biases=0 if bias is None else layer.weight_shape[0],
         biases_kept=0 if bias is None else bias.numel(),
         kept_shape=tuple(weight.shape),
         frac_bits=t,

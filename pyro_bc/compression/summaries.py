@@ -68,10 +68,14 @@ def summarise(layer, posteriors: dict) -> LayerSummary:
     var_z = layer.group_view(var_z.detach().double())
     weight_mean = mean_z * mu
     weight_var = mean_z.pow(2) * sigma2 + var_z * (mu.pow(2) + sigma2)
-    bias_mean = None
-    if layer.has_bias:
-        bias_mean, _ = _normal_of(posteriors, layer.site("bias"))
-        if layer.group_dim == 0:  # the scale multiplies the outputs, bias included
-            bias_mean = bias_mean * mean_z.flatten()
+    bias_mean = _normal_of(posteriors, layer.site("bias"))[0] if layer.has_bias else None
+    affine = layer.output_affine()
+    if affine is not None:  # batch norm in eval mode, folded in front of the scale
+        a, c = (t.detach().double().to(mu.device) for t in affine)
+        per_output = a.reshape((-1,) + (1,) * (mu.dim() - 1))
+        weight_mean, weight_var = weight_mean * per_output, weight_var * per_output.pow(2)
+        bias_mean = c if bias_mean is None else a * bias_mean + c
+    if bias_mean is not None and layer.group_dim == 0:
+        bias_mean = bias_mean * mean_z.flatten()  # the scale multiplies the outputs, bias too
     bias_mean = None if bias_mean is None else bias_mean.cpu()
     return LayerSummary(log_alpha.cpu(), weight_mean.cpu(), weight_var.cpu(), bias_mean)
