@@ -11,19 +11,24 @@ Example::
     pyro_bc.fit(model, guide, train_loader, epochs=200)
 """
 
-from . import distributions, nn, poutine, priors
+from . import checkpoint, distributed, distributions, nn, poutine, priors
 from .audit import kl_audit
+from .checkpoint import CheckpointError, load_checkpoint
 from .codec import load
 from .compress import CompressedNetwork, compress
 from .guides import StructuredGuide
-from .infer import evaluate, fit, load_checkpoint, predict_logits
+from .infer import TrainingDivergedError, evaluate, fit, predict_logits
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "CompressedNetwork",
     "StructuredGuide",
+    "TrainingDivergedError",
+    "checkpoint",
     "compress",
+    "distributed",
     "distributions",
     "evaluate",
     "fit",
