@@ -129,9 +129,14 @@ def load_checkpoint(path, guide=None, *, epochs: int | None = None) -> dict:
         if missing:
             raise CheckpointError(f"checkpoint {path} lacks {missing}: not written by pyro_bc.fit")
         state.setdefault("metadata", {})
+        state["version"] = 0
         if isinstance(state["rng"], torch.Tensor):
             state["rng"] = {"cpu": state["rng"], "cuda": []}
-    elif version == SCHEMA_VERSION and state.get("format") == FORMAT:
+    elif state.get("format") != FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path}: format {state.get('format')!r} is not a pyro_bc checkpoint"
+        )
+    elif version == SCHEMA_VERSION:
         _check_digest(state, path)
     elif isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
         raise CheckpointError(
@@ -139,10 +144,7 @@ def load_checkpoint(path, guide=None, *, epochs: int | None = None) -> dict:
             f"{SCHEMA_VERSION}: upgrade pyro_bc"
         )
     else:
-        raise CheckpointError(
-            f"checkpoint {path}: format {state.get('format')!r} version {version!r} is not a "
-            "pyro_bc checkpoint"
-        )
+        raise CheckpointError(f"checkpoint {path} has an invalid schema version {version!r}")
     _check_schema(state, path, version)
     if epochs is not None and state["epoch"] > epochs:
         raise CheckpointError(
