@@ -148,6 +148,20 @@ def data_parallel(module: torch.nn.Module) -> DistributedDataParallel:
     return DistributedDataParallel(module, device_ids=device_ids)
 
 
+def barrier() -> None:
+    """Waits for every process (nothing to wait for without a process group).
+
+    ``fit`` calls it after process 0 writes a checkpoint, so that no process reads a checkpoint
+    before it is written.
+
+    Example::
+
+        pyro_bc.distributed.barrier()
+    """
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def reduce_epoch(totals: torch.Tensor, first_bad: torch.Tensor) -> None:
     """Sums an epoch's totals and takes the minimum first non-finite step over processes, in place.
 

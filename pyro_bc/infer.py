@@ -360,6 +360,8 @@ def fit(
                 metadata,
                 keep_last=keep_last,
             )
+        if checkpoint is not None and distributed:
+            bc_distributed.barrier()
         if callback is not None:
             callback(epoch + 1, record)
     return history
