@@ -13,22 +13,27 @@ Example::
     compressed.save("lenet300.bc")            # pyro_bc.load("lenet300.bc") gives it back
 """
 
-from . import convert, distributions, nn, poutine, priors
+from . import checkpoint, convert, distributed, distributions, nn, poutine, priors
 from .audit import kl_audit
+from .checkpoint import CheckpointError, load_checkpoint
 from .compressed import CompressedNetwork, load, save
 from .compression import compress, group_masks
 from .convert import bayesianize
 from .guides import StructuredGuide
-from .infer import evaluate, fit, load_checkpoint, predict_logits
+from .infer import TrainingDivergedError, evaluate, fit, predict_logits
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "CompressedNetwork",
     "StructuredGuide",
+    "TrainingDivergedError",
     "bayesianize",
+    "checkpoint",
     "compress",
     "convert",
+    "distributed",
     "distributions",
     "evaluate",
     "fit",

@@ -20,6 +20,7 @@ from torch.distributions import biject_to, constraints
 
 from .distributions import NormalLogVar
 from .nn import WEIGHT_ROLE, BayesianLayer
+from .priors import on_device
 
 
 class _SiteShapes(Messenger):
@@ -169,9 +170,12 @@ class StructuredGuide(nn.Module):
         unknown = set(clip_var) - {layer.site() for layer in layers}
         if unknown:
             raise ValueError(f"clip_var names layers the model does not have: {sorted(unknown)}")
-        self.layers = nn.ModuleList(
-            LayerPosterior(layer, clip_var.get(layer.site())) for layer in layers
-        )
+        posteriors = []
+        for layer in layers:
+            # the factors start on the layer's device, the prior's constants too
+            with on_device(layer._zero.device):
+                posteriors.append(LayerPosterior(layer, clip_var.get(layer.site())))
+        self.layers = nn.ModuleList(posteriors)
 
     def forward(self, *args, **kwargs):
         # Registering the parameters lets pyro.infer.SVI with a pyro.optim optimizer find them;
@@ -231,6 +235,8 @@ class StructuredGuide(nn.Module):
                     f"init_from: {type(network).__name__} has no layer {posterior.name!r}"
                 ) from e
             weight = getattr(source, "weight", None)
+            if weight is not None:
+                weight = weight.to(posterior.weight.loc.device)
             if weight is None or weight.shape != layer.weight_shape:
                 raise ValueError(
                     f"init_from: layer {posterior.name!r} needs a weight of shape "
@@ -252,7 +258,7 @@ class StructuredGuide(nn.Module):
             mean_z = layer.group_view(mean_z)
             posterior.weight.loc.copy_(weight / mean_z)
             if posterior.bias is not None and getattr(source, "bias", None) is not None:
-                bias = source.bias
+                bias = source.bias.to(posterior.bias.loc.device)
                 if layer.group_dim == 0:  # the scale multiplies the bias too
                     bias = bias / mean_z.reshape(-1)
                 posterior.bias.loc.copy_(bias)

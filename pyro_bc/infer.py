@@ -1,10 +1,12 @@
-"""Training and evaluation: SVI with ``TraceMeanField_ELBO``, checkpoints, test error."""
+"""Training and evaluation: SVI with ``TraceMeanField_ELBO``, test error; checkpoints are in
+:mod:`pyro_bc.checkpoint`."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,9 +16,16 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
+from . import distributed as bc_distributed
 from . import poutine as bc_poutine
+from .checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    non_finite_entries,
+    restore_rng_state,
+    save_checkpoint,
+)
 from .elbo import MeanFieldELBO
-from .files import torch_save_atomically
 
 
 class _ObservedLogits(Messenger):
@@ -56,6 +65,43 @@ def adam(params, lr: float = 1e-3) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, fused=fused or None)
 
 
+class TrainingDivergedError(RuntimeError):
+    """:func:`fit` stopped because the loss or a parameter became NaN or infinite.
+
+    ``epoch`` and ``step`` (both counted from 1) say where; the checkpoint on disk, if any, is
+    still the last good state.
+
+    Example::
+
+        try:
+            fit(model, guide, loader, epochs=100, checkpoint="run.pt")
+        except TrainingDivergedError as e:
+            print(e.epoch, e.step)  # resume from run.pt with a smaller lr
+    """
+
+    def __init__(self, message: str, epoch: int, step: int):
+        super().__init__(message)
+        self.epoch = epoch
+        self.step = step
+
+
+class _NegativeELBO(torch.nn.Module):
+    """The loss of one mini-batch as a module of the guide, so ``DistributedDataParallel`` can
+    wrap it (DDP synchronises the gradients of the module it runs)."""
+
+    def __init__(self, model, guide, elbo, handler, observed):
+        super().__init__()
+        self.guide = guide
+        self.__dict__["model"] = model  # not a submodule: the guide owns every parameter
+        self.elbo = elbo
+        self.handler = handler
+        self.observed = observed
+
+    def forward(self, x, y, validate: bool = False):
+        with pyro.validation_enabled(validate), self.handler(), self.observed:
+            return self.elbo.differentiable_loss(self.model, self.guide.sample, x, y)
+
+
 class TrainingStep:
     """One SVI step of ``guide`` on a mini-batch: the hot path of :func:`fit`.
 
@@ -63,7 +109,9 @@ class TrainingStep:
     :class:`~pyro_bc.elbo.MeanFieldELBO`),
     under local reparameterization unless told otherwise, and takes an optimizer step. Pyro's
     validation runs on the first step only: its checks cost as much as a small network's step.
-    Calling it returns the loss and the logits of the batch (for a running error).
+    Calling it returns the loss and the logits of the batch (for a running error), as device
+    tensors: it never waits for the device. With ``distributed=True`` the loss runs under
+    ``DistributedDataParallel`` (see :mod:`pyro_bc.distributed`).
 
     Example::
 
@@ -81,27 +129,46 @@ class TrainingStep:
         lr: float = 1e-3,
         num_particles: int = 1,
         local_reparameterization: bool = True,
+        distributed: bool = False,
     ):
         self.model = model
         self.guide = guide
         self.optimizer = optimizer or adam([*guide.parameters(), *model.parameters()], lr=lr)
         self.elbo = MeanFieldELBO(num_particles=num_particles)
-        self.handler = (
+        handler = (
             bc_poutine.local_reparameterization
             if local_reparameterization
             else contextlib.nullcontext
         )
         self.steps_taken = 0
         self._observed = _ObservedLogits()
+        self.loss = _NegativeELBO(model, guide, self.elbo, handler, self._observed)
+        if distributed:
+            self.loss = bc_distributed.data_parallel(self.loss)
 
-    def __call__(self, x, y):
-        with pyro.validation_enabled(self.steps_taken == 0), self.handler(), self._observed:
-            loss = self.elbo.differentiable_loss(self.model, self.guide.sample, x, y)
+    def backward(self, x, y):
+        """The loss and logits of the batch, with the guide's gradients computed (no update).
+
+        Example::
+
+            loss, logits = step.backward(x, y)
+            grads = [p.grad for p in guide.parameters()]
+        """
+        loss = self.loss(x, y, validate=self.steps_taken == 0)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        return loss.detach(), self._observed.logits
+
+    def __call__(self, x, y):
+        loss, logits = self.backward(x, y)
         self.optimizer.step()
         self.steps_taken += 1
-        return loss.detach(), self._observed.logits
+        return loss, logits
+
+
+#: steps between two reads of the running loss for the progress bar (each read waits for the
+#: device, so not every step)
+PROGRESS_EVERY = 100
 
 
 def fit(
@@ -110,7 +177,7 @@ def fit(
     train_loader,
     *,
     epochs: int = 1,
-    lr: float = 1e-3,
+    lr: float | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     num_particles: int = 1,
     local_reparameterization: bool = True,
@@ -118,26 +185,34 @@ def fit(
     callback=None,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
+    keep_last: int = 0,
     seed: int | None = None,
     max_steps: int | None = None,
     progress: bool = True,
     metadata: dict | None = None,
     lr_schedule=None,
+    distributed: bool = False,
 ) -> History:
     """Trains ``guide`` by stochastic variational inference with ``TraceMeanField_ELBO``.
 
     The KL terms of every site with a registered closed form are exact; the likelihood is
-    scaled by ``dataset_size / batch_size`` by the model's data plate. Adam (``lr``) over the
-    guide's parameters unless ``optimizer`` is given. Each step is a :class:`TrainingStep`.
+    scaled by ``dataset_size / batch_size`` by the model's data plate. Adam (``lr``, 1e-3 by
+    default) over the guide's parameters unless ``optimizer`` is given. Each step is a
+    :class:`TrainingStep`. Training runs where the guide's parameters are: batches are moved
+    there. The running loss and error stay on the device and are read once per epoch (and every
+    :data:`PROGRESS_EVERY` steps for the progress bar).
 
     :param train_loader: iterable of ``(x, y)`` mini-batches (a ``DataLoader``).
     :param local_reparameterization: sample pre-activations (the paper's training) rather than
         weights.
     :param test_loader: if given, the test error with posterior means is recorded every epoch.
     :param callback: ``callback(epoch, record)`` after every epoch; ``record`` is the epoch's dict.
-    :param checkpoint: path of a checkpoint written atomically after every epoch (guide,
-        optimizer, random state, history); with ``resume=True`` training continues from it, and a
-        resumed run gives the same parameters as an uninterrupted one.
+    :param checkpoint: path of a checkpoint written atomically after every epoch
+        (:mod:`pyro_bc.checkpoint`); with ``resume=True`` training continues from it, and a
+        resumed run gives the same parameters as an uninterrupted one. A resumed run keeps the
+        checkpoint's learning rate unless ``lr`` (or ``optimizer``) asks for another, which then
+        applies, with a warning. A checkpoint past ``epochs`` is an error.
+    :param keep_last: keep this many older checkpoints beside it (``{name}.1`` is the newest).
     :param seed: seeds every epoch (``seed + epoch``), so runs and resumed runs are reproducible.
     :param max_steps: stop every epoch after this many steps (quick runs and smoke tests).
     :param metadata: plain data (str, numbers, lists, dicts) stored in the checkpoint, e.g. how
@@ -145,80 +220,201 @@ def fit(
     :param lr_schedule: ``lr_schedule(epoch) -> factor``: every epoch (counted from 0) runs at
         the optimizer's initial learning rates times this factor. A function of the epoch alone,
         so a resumed run follows the same schedule (see :func:`linear_decay`).
+    :param distributed: data-parallel training in a process group (:mod:`pyro_bc.distributed`):
+        each process trains on its shard of every mini-batch of ``train_loader`` (a
+        ``DataLoader``), process 0 writes the checkpoint. ``seed`` defaults to 0.
+    :raises TrainingDivergedError: when the loss or a parameter becomes non-finite, naming the
+        epoch and the step; no checkpoint with non-finite values is written.
 
     Example::
 
         history = pyro_bc.fit(model, guide, train_loader, epochs=200, test_loader=test_loader)
     """
+    if distributed:
+        bc_distributed.require_process_group("fit(distributed=True)")
+        seed = 0 if seed is None else seed
+        train_loader = bc_distributed.shard_loader(train_loader, seed=seed)
+    main_process = bc_distributed.rank() == 0
+    device = _device_of(guide)
+    requested_lrs = _requested_lrs(lr, optimizer)
     step = TrainingStep(
         model,
         guide,
         optimizer=optimizer,
-        lr=lr,
+        lr=1e-3 if lr is None else lr,
         num_particles=num_particles,
         local_reparameterization=local_reparameterization,
+        distributed=distributed,
     )
     history = History()
     start_epoch = 0
     if checkpoint is not None and resume and Path(checkpoint).exists():
-        state = load_checkpoint(checkpoint)
+        state = load_checkpoint(checkpoint, guide, epochs=epochs)
         guide.load_state_dict(state["guide"])
+        if state.get("model"):
+            model.load_state_dict(state["model"])
         step.optimizer.load_state_dict(state["optimizer"])
+        _apply_requested_lrs(step.optimizer, requested_lrs, checkpoint)
         history.epochs = list(state["history"])
-        start_epoch = int(state["epoch"])
-        torch.set_rng_state(state["rng"])
+        start_epoch = state["epoch"]
+        restore_rng_state(state["rng"])
 
     base_lrs = [group.get("initial_lr", group["lr"]) for group in step.optimizer.param_groups]
     for group, lr0 in zip(step.optimizer.param_groups, base_lrs, strict=True):
         group["initial_lr"] = lr0
     model.train()
+    # float64 sums of thousands of losses keep their digits; MPS has no float64
+    sum_dtype = torch.float32 if device.type == "mps" else torch.float64
     for epoch in range(start_epoch, epochs):
         if seed is not None:
-            pyro.set_rng_seed(seed + epoch)
+            # each process draws its own noise; process 0 draws a single process's
+            pyro.set_rng_seed(seed + epoch + _RANK_SEED_STRIDE * bc_distributed.rank())
+        if distributed:
+            train_loader.sampler.set_epoch(epoch)
         if lr_schedule is not None:
             factor = lr_schedule(epoch)
             for group, lr0 in zip(step.optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = lr0 * factor
         started = time.perf_counter()
-        total_loss = total_errors = total_seen = steps = 0
+        # running totals on the device: reading them waits for it, so only now and then
+        total_loss = torch.zeros((), dtype=sum_dtype, device=device)
+        total_errors = torch.zeros((), dtype=torch.int64, device=device)
+        diverged = torch.zeros((), dtype=torch.bool, device=device)
+        good_steps = torch.zeros((), dtype=torch.int64, device=device)
+        total_seen = steps = 0
         batches = tqdm(
             train_loader,
             desc=f"epoch {epoch + 1}/{epochs}",
-            disable=not progress,
+            disable=not (progress and main_process),
             leave=False,
             mininterval=1.0,
         )
         for x, y in batches:
             if max_steps is not None and steps >= max_steps:
                 break
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
             loss, logits = step(x, y)
-            loss = loss.item()
-            steps += 1
+            diverged |= ~torch.isfinite(loss)
+            good_steps += ~diverged
             total_loss += loss
+            steps += 1
             total_seen += len(y)
             if logits is not None:
-                total_errors += (logits.argmax(-1) != y).sum().item()
-            if progress:
+                total_errors += (logits.argmax(-1) != y).sum()
+            if steps % PROGRESS_EVERY == 0 and progress and main_process:
+                running, errors, bad = torch.stack(
+                    [total_loss, total_errors.to(sum_dtype), diverged.to(sum_dtype)]
+                ).tolist()
                 batches.set_postfix(
-                    loss=f"{loss:.4g}", err=f"{total_errors / total_seen:.2%}", refresh=False
+                    loss=f"{running / steps:.4g}", err=f"{errors / total_seen:.2%}", refresh=False
                 )
+                if bad and not distributed:
+                    break
+        totals = torch.stack(
+            [
+                total_loss,
+                total_errors.to(sum_dtype),
+                torch.tensor(float(total_seen), dtype=sum_dtype, device=device),
+            ]
+        )
+        first_bad = torch.where(diverged, good_steps, torch.iinfo(torch.int64).max).reshape(1)
+        bc_distributed.reduce_epoch(totals, first_bad)
+        loss_sum, errors, seen = totals.tolist()
+        first_bad = first_bad.item()
+        if first_bad != torch.iinfo(torch.int64).max:
+            raise TrainingDivergedError(
+                f"training diverged: the loss is not finite at epoch {epoch + 1}, step "
+                f"{first_bad + 1}{_kept(checkpoint, epoch)}. Lower the learning rate (lr) or "
+                "check the data for NaN or infinite values",
+                epoch + 1,
+                first_bad + 1,
+            )
+        bad = non_finite_entries(guide.state_dict())
+        if bad:
+            raise TrainingDivergedError(
+                f"training diverged: the guide's {', '.join(bad[:5])} are not finite after epoch "
+                f"{epoch + 1}, step {steps}{_kept(checkpoint, epoch)}. Lower the learning rate "
+                "(lr)",
+                epoch + 1,
+                steps,
+            )
+        processes = bc_distributed.world_size()
         record = {
             "epoch": epoch + 1,
-            "loss": total_loss / max(steps, 1),
-            "train_error": total_errors / max(total_seen, 1),
+            "loss": loss_sum / max(steps * processes, 1),
+            "train_error": errors / max(seen, 1),
             "seconds": time.perf_counter() - started,
         }
         if test_loader is not None:
             record["test_error"] = evaluate(model, guide, test_loader)["error"]
             model.train()
         history.epochs.append(record)
-        if progress:
+        if progress and main_process:
             tqdm.write(_format_record(record))
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, guide, step.optimizer, epoch + 1, history, metadata)
+        if checkpoint is not None and main_process:
+            save_checkpoint(
+                checkpoint,
+                guide,
+                step.optimizer,
+                epoch + 1,
+                history,
+                metadata,
+                keep_last=keep_last,
+                model=model,
+            )
+        if checkpoint is not None and distributed:
+            bc_distributed.barrier()
         if callback is not None:
             callback(epoch + 1, record)
     return history
+
+
+#: distance between the seeds of two processes' noise in one epoch
+_RANK_SEED_STRIDE = 1_000_003
+
+
+def _kept(checkpoint, epoch):
+    if checkpoint is None:
+        return ""
+    if epoch == 0 or not Path(checkpoint).exists():
+        return f"; no checkpoint was written to {checkpoint}"
+    return f"; {checkpoint} keeps the state after epoch {epoch}"
+
+
+def _device_of(module) -> torch.device:
+    param = next(iter(module.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _requested_lrs(lr, optimizer):
+    """The learning rates a call asks for: ``lr``, the given optimizer's, or None (keep)."""
+    if lr is not None:
+        return lr
+    if optimizer is not None:
+        return [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
+    return None
+
+
+def _apply_requested_lrs(optimizer, requested, checkpoint):
+    if requested is None:
+        return
+    groups = optimizer.param_groups
+    old = [group.get("initial_lr", group["lr"]) for group in groups]
+    new = requested if isinstance(requested, list) else [requested] * len(groups)
+    if new == old:
+        return
+    warnings.warn(
+        f"resuming {checkpoint} with lr={_one_or_all(new)}; it was trained with "
+        f"lr={_one_or_all(old)}: the new learning rate applies from here on",
+        stacklevel=3,
+    )
+    for group, value in zip(groups, new, strict=True):
+        group["initial_lr"] = group["lr"] = value
+
+
+def _one_or_all(values):
+    return values[0] if len(set(values)) == 1 else values
 
 
 def pretrain(network, train_loader, *, epochs: int = 10, lr: float = 1e-3, progress: bool = True):
@@ -233,9 +429,11 @@ def pretrain(network, train_loader, *, epochs: int = 10, lr: float = 1e-3, progr
         guide.init_from(twin)
     """
     optimizer = torch.optim.Adam(network.parameters(), lr=lr)
+    device = _device_of(network)
     network.train()
     for _ in tqdm(range(epochs), desc="pretraining", disable=not progress, leave=False):
         for x, y in train_loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = torch.nn.functional.cross_entropy(network(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -287,6 +485,7 @@ def predict_logits(model, guide, x, *, mode: str = "mean"):
     }
     if mode not in handlers:
         raise ValueError(f"mode must be one of {sorted(handlers)}, got {mode!r}")
+    x = x.to(_device_of(guide), non_blocking=True)
     with pyro.validation_enabled(False), handlers[mode]():
         guide_trace = poutine.trace(guide).get_trace(x)
         return poutine.replay(model, trace=guide_trace)(x)
@@ -305,52 +504,37 @@ def evaluate(model, guide, loader, *, num_samples: int = 0) -> dict:
         # {'error': 0.0172, 'error_mc': 0.0168, 'n': 10000}
     """
     model.eval()
-    errors = errors_mc = seen = 0
+    device = _device_of(guide)
+    errors = torch.zeros(2, dtype=torch.int64, device=device)  # read once, at the end
+    seen = 0
     for x, y in loader:
-        errors += (predict_logits(model, guide, x).argmax(-1) != y).sum().item()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        errors[0] += (predict_logits(model, guide, x).argmax(-1) != y).sum()
         if num_samples > 0:
             probs = sum(
                 predict_logits(model, guide, x, mode="sample").softmax(-1)
                 for _ in range(num_samples)
             )
-            errors_mc += (probs.argmax(-1) != y).sum().item()
+            errors[1] += (probs.argmax(-1) != y).sum()
         seen += len(y)
+    errors, errors_mc = errors.tolist()
     result = {"error": errors / seen, "n": seen}
     if num_samples > 0:
         result["error_mc"] = errors_mc / seen
     return result
 
 
-def save_checkpoint(path, guide, optimizer, epoch, history, metadata=None):
-    """Writes guide and optimizer state, epoch, history, random state and metadata (atomically)."""
-    torch_save_atomically(
-        {
-            "guide": guide.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch,
-            "history": list(history.epochs),
-            "rng": torch.get_rng_state(),
-            "metadata": dict(metadata or {}),
-        },
-        path,
-    )
-
-
-def load_checkpoint(path) -> dict:
-    """Reads a checkpoint written by :func:`fit` (tensors and plain data only, no pickle).
-
-    Example::
-
-        guide.load_state_dict(load_checkpoint("run/checkpoint.pt")["guide"])
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} cannot be read ({e}); it may be truncated") from e
-    missing = {"guide", "optimizer", "epoch", "history", "rng"} - set(state)
-    if missing:
-        raise ValueError(f"checkpoint {path} lacks {sorted(missing)}: not written by pyro_bc.fit")
-    return state
+__all__ = [
+    "CheckpointError",
+    "History",
+    "TrainingDivergedError",
+    "TrainingStep",
+    "adam",
+    "evaluate",
+    "fit",
+    "linear_decay",
+    "load_checkpoint",
+    "predict_logits",
+    "pretrain",
+    "save_checkpoint",
+]

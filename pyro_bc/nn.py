@@ -25,7 +25,7 @@ from pyro.poutine.runtime import effectful
 from torch import nn
 
 from .distributions import StandardNormal
-from .priors import GroupNormalJeffreys, as_prior
+from .priors import GroupNormalJeffreys, as_prior, on_device
 
 #: the role a guide marks its weight and bias sites with (``infer={"bc_role": ...}``): layers
 #: compute their outputs from these sites' distributions under :mod:`pyro_bc.poutine`
@@ -67,7 +67,9 @@ class BayesianLayer(PyroModule):
         return f"{prefix}.{what}" if what else prefix
 
     def forward(self, x):
-        z = self.prior(self.site(), self.num_groups)
+        # a user's prior builds its constants with plain torch.tensor / torch.ones
+        with on_device(self._zero.device):
+            z = self.prior(self.site(), self.num_groups)
         weight = pyro.sample(self.site("weight"), self._standard_normal(self.weight_shape))
         bias = None
         if self.has_bias:

@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pyro
@@ -58,14 +59,52 @@ def draw_group_scale(prior, name, num_groups, posteriors, num_draws):
     """Draws the group scale ``num_draws`` times from the guide: shape ``(num_draws, num_groups)``.
 
     Reruns the prior's Pyro model with each of its sites drawn from ``posteriors`` (site name ->
-    guide distribution), so it works for any prior, including a user's function.
+    guide distribution), so it works for any prior, including a user's function. The prior runs
+    on the guide's device (:func:`on_device`).
 
     Example::
 
         z = draw_group_scale(layer.prior, "fc1", 784, guide.distributions(), num_draws=128)
     """
-    with poutine.block(), _PosteriorDraws(posteriors, (num_draws,)):
+    with (
+        on_device(posterior_device(posteriors)),
+        poutine.block(),
+        _PosteriorDraws(posteriors, (num_draws,)),
+    ):
         return prior(name, num_groups)
+
+
+def on_device(device):
+    """Runs a prior's tensor factories (``torch.tensor(1.0)``, ``torch.ones(n)``) on ``device``.
+
+    Priors are plain Pyro models that build their constants without a device; the layers and the
+    guide run them inside this context so those constants land where the parameters are.
+
+    Example::
+
+        with on_device(torch.device("meta")):
+            z = prior("fc1", 784)
+    """
+    return contextlib.nullcontext() if device is None else torch.device(device)
+
+
+def posterior_device(posteriors: dict):
+    """The device of the guide's distributions (site name -> distribution), or None if unknown.
+
+    Example::
+
+        posterior_device(guide.distributions())  # device(type='cpu')
+    """
+    for fn in posteriors.values():
+        while True:
+            fn = unwrap(fn)
+            if not hasattr(fn, "base_dist"):
+                break
+            fn = fn.base_dist
+        for value in vars(fn).values():
+            if isinstance(value, torch.Tensor):
+                return value.device
+    return None
 
 
 class GroupPrior:
@@ -95,7 +134,9 @@ class GroupPrior:
         ``posteriors`` maps each of this prior's site names to its guide distribution.
         """
         # A fixed seed keeps compression a deterministic function of the guide.
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        device = posterior_device(posteriors)
+        cuda = [device] if device is not None and device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
             torch.manual_seed(0)
             draws = draw_group_scale(self, name, num_groups, posteriors, MOMENT_SAMPLES)
         return draws.mean(0), draws.var(0)

@@ -1,8 +1,11 @@
+import warnings
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import pyro_bc
+from pyro_bc import CheckpointError, TrainingDivergedError
 from pyro_bc.data import load_mnist_subset
 from pyro_bc.infer import linear_decay
 from pyro_bc.models import LeNet300100
@@ -143,3 +146,95 @@ def test_evaluate_posterior_mean_and_monte_carlo(small_mnist):
     assert 0 <= result["error_mc"] <= 1
     with pytest.raises(ValueError, match="mode"):
         pyro_bc.predict_logits(model, guide, test.tensors[0][:2], mode="median")
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+def test_nan_in_the_data_stops_training_and_keeps_the_last_good_checkpoint(small_mnist, tmp_path):
+    train, _ = small_mnist
+    model, guide, _ = _setup(train)
+    loader = DataLoader(train, batch_size=64)  # in order: example 150 is in the third batch
+    checkpoint = tmp_path / "run.pt"
+    pyro_bc.fit(model, guide, loader, epochs=1, seed=0, progress=False, checkpoint=checkpoint)
+    good = {k: v.clone() for k, v in guide.state_dict().items()}
+    saved = checkpoint.read_bytes()
+
+    x, y = train.tensors
+    x = x.clone()
+    x[150, 0, 14, 14] = float("nan")
+    poisoned = DataLoader(TensorDataset(x, y), batch_size=64)
+    expected = r"epoch 2, step 3\b.*keeps the state after epoch 1"
+    with pytest.raises(TrainingDivergedError, match=expected) as info:
+        pyro_bc.fit(
+            model, guide, poisoned, epochs=3, progress=False, checkpoint=checkpoint, resume=True
+        )
+    assert (info.value.epoch, info.value.step) == (2, 3)
+    assert checkpoint.read_bytes() == saved
+    state = pyro_bc.load_checkpoint(checkpoint, guide)
+    assert state["epoch"] == 1
+    for name, value in good.items():
+        torch.testing.assert_close(state["guide"][name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+def test_a_huge_learning_rate_diverges_with_the_epoch_and_step_named(small_mnist, tmp_path):
+    train, _ = small_mnist
+    model, guide, _ = _setup(train)
+    loader = DataLoader(train, batch_size=64)
+    checkpoint = tmp_path / "run.pt"
+    pyro_bc.fit(model, guide, loader, epochs=1, seed=0, progress=False, checkpoint=checkpoint)
+    saved = checkpoint.read_bytes()
+    with (
+        pytest.warns(UserWarning, match=r"with lr=10\b.*trained with lr=0.001"),
+        pytest.raises(TrainingDivergedError, match=r"epoch 2, step \d+") as info,
+    ):
+        pyro_bc.fit(
+            model,
+            guide,
+            loader,
+            epochs=5,
+            lr=10.0,
+            seed=0,
+            progress=False,
+            checkpoint=checkpoint,
+            resume=True,
+        )
+    assert info.value.epoch == 2 and 1 <= info.value.step <= len(loader)
+    assert checkpoint.read_bytes() == saved
+    assert not pyro_bc.checkpoint.non_finite_entries(pyro_bc.load_checkpoint(checkpoint)["guide"])
+
+
+def test_a_new_learning_rate_applies_on_resume_and_the_old_one_stays_otherwise(
+    small_mnist, tmp_path
+):
+    train, _ = small_mnist
+    model, guide, loader = _setup(train)
+    checkpoint = tmp_path / "run.pt"
+    common = dict(max_steps=1, progress=False, checkpoint=checkpoint, resume=True)
+    rates = []
+
+    def record(epoch, _):
+        optimizer = pyro_bc.load_checkpoint(checkpoint)["optimizer"]
+        rates.append(optimizer["param_groups"][0]["lr"])
+
+    pyro_bc.fit(model, guide, loader, epochs=1, lr=0.01, callback=record, **common)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no lr given: the checkpoint's, silently
+        pyro_bc.fit(model, guide, loader, epochs=2, callback=record, **common)
+    with pytest.warns(UserWarning, match=r"lr=0.002.*lr=0.01"):
+        pyro_bc.fit(model, guide, loader, epochs=3, lr=0.002, callback=record, **common)
+    assert rates == [0.01, 0.01, 0.002]
+
+
+def test_a_checkpoint_past_the_requested_epochs_is_an_error(small_mnist, tmp_path):
+    train, _ = small_mnist
+    model, guide, loader = _setup(train)
+    checkpoint = tmp_path / "run.pt"
+    pyro_bc.fit(model, guide, loader, epochs=2, max_steps=1, progress=False, checkpoint=checkpoint)
+    history = pyro_bc.fit(
+        model, guide, loader, epochs=2, progress=False, checkpoint=checkpoint, resume=True
+    )
+    assert len(history) == 2  # done already: nothing to train
+    with pytest.raises(CheckpointError, match=r"run.pt is at epoch 2, past epochs=1"):
+        pyro_bc.fit(
+            model, guide, loader, epochs=1, progress=False, checkpoint=checkpoint, resume=True
+        )
