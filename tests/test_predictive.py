@@ -1,15 +1,17 @@
 import math
 from collections import OrderedDict
 
+import numpy as np
 import pyro
 import pytest
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import pyro_bc
-from pyro_bc import predictive
+from pyro_bc import plots, predictive
 from pyro_bc.nn import BayesianLinear, BayesianNetwork
 
 
@@ -214,3 +216,38 @@ def test_compressed_network_is_measured_as_a_point_estimate():
     # nothing pruned and no quantization: the compressed network is the posterior-mean network
     assert small.nll == pytest.approx(mean.nll, rel=1e-5)
     assert small.error == mean.error
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability diagram
+
+
+def test_reliability_diagram_draws_one_curve_per_predictor_and_saves_a_png(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (500,), generator=g)
+    sharp = torch.nn.functional.one_hot(labels, 4) * 6.0 + torch.randn(500, 4, generator=g) * 3
+    dense = predictive.calibration(sharp.softmax(-1), labels, predictor="dense")
+    overconfident = (sharp * 4).softmax(-1)
+    path = tmp_path / "reliability.png"
+    fig = plots.reliability_diagram(
+        {"dense predictive": dense, "compressed": (overconfident, labels)}, path=path
+    )
+    assert isinstance(fig, Figure)
+    assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    top = fig.axes[0]
+    curves = {line.get_label(): line for line in top.get_lines()}
+    compressed = predictive.calibration(overconfident, labels)
+    assert set(curves) == {
+        "calibrated",
+        f"dense predictive (ECE {dense.ece:.4f})",
+        f"compressed (ECE {compressed.ece:.4f})",
+    }
+    line = curves[f"compressed (ECE {compressed.ece:.4f})"]
+    filled = compressed.bin_count > 0
+    np.testing.assert_allclose(line.get_xdata(), compressed.bin_confidence[filled].numpy())
+    np.testing.assert_allclose(line.get_ydata(), compressed.bin_accuracy[filled].numpy())
+    # a single result and a list are drawn too; their labels come from the results
+    single = plots.reliability_diagram(dense)
+    assert "dense (ECE" in single.axes[0].get_legend_handles_labels()[1][1]
+    with pytest.raises(TypeError, match="Calibration or a \\(probs, labels\\) pair"):
+        plots.reliability_diagram({"bad": 0.3})
