@@ -5,8 +5,8 @@ activations, pooling, Flatten and :class:`~pyro_bc.compress.Gather`, which is an
 so both exporters take it as it is. The exported graph computes with the network's float32
 weights, which are exactly the fixed-point values ``q 2^-t`` of the ``.bc`` file: the export is
 as large as a float32 network of the thinned shape (ONNX and TorchScript have no packed
-fixed-point weights), but computes the same numbers. The batch dimension is dynamic; the other
-dimensions are the network's ``input_shape``.
+fixed-point weights), but computes the same numbers (``docs/method.md#fixed-point-storage``).
+The batch dimension is dynamic; the other dimensions are the network's ``input_shape``.
 
 Files are written atomically (:func:`pyro_bc.files.write_atomically`).
 

@@ -655,7 +655,8 @@ def reliability_diagram(results, *, num_bins: int = DEFAULT_BINS, path=None) -> 
     (empty bins are skipped); a calibrated predictor lies on the diagonal, one below it is
     overconfident. The legend gives each curve's expected calibration error; the lower panel
     shows the share of examples in each of the ``num_bins`` equal-width bins (``num_bins`` is
-    used for ``(probs, labels)`` pairs; a ``Calibration`` keeps its own bins).
+    used for ``(probs, labels)`` pairs; a ``Calibration`` keeps its own bins). The metrics are
+    defined in ``docs/method.md#predictive-uncertainty``.
 
     Example::
 

@@ -14,7 +14,7 @@ Three predictors, one set of metrics:
 The metrics (:class:`Calibration`) are the error of the most probable class, the negative
 log-likelihood of the labels (mean nats per example), the expected calibration error over
 equal-width confidence bins and the mean entropy of the predictive; see
-:func:`expected_calibration_error` for the bins.
+:func:`expected_calibration_error` for the bins, and ``docs/method.md#predictive-uncertainty``.
 
 Example::
 
