@@ -682,7 +682,7 @@ def reliability_diagram(results, *, num_bins: int = DEFAULT_BINS, path=None) -> 
     top.set_xlim(0, 1)
     top.set_ylim(0, 1.02)
     top.set_title("Reliability diagram", fontsize=10)
-    top.legend(fontsize=8, loc="upper left")
+    top.legend(fontsize=8, loc="best")
     top.grid(alpha=0.3)
     bottom.set_yscale("log")
     smallest = min(float((c.bin_count[c.bin_count > 0] / c.n).min()) for c in curves.values())
