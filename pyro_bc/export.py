@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -75,13 +76,18 @@ def _example(network, input_shape):
 
 
 @contextlib.contextmanager
-def _quiet_onnx_logs():
-    # torch.onnx logs a warning per torchvision operator it cannot register, on every export
+def _quiet_exporter():
+    # torch.onnx logs a warning per torchvision operator it cannot register, and torch.export
+    # warns about its own use of a deprecated pytree class, on every export: noise to a user
     logger = logging.getLogger("torch.onnx")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning
+            )
+            yield
     finally:
         logger.setLevel(level)
 
@@ -118,7 +124,7 @@ def to_onnx(network, path, *, input_shape=None, opset_version: int | None = None
     plain = _plain_network(network)
     example = _example(plain, _input_shape(network, input_shape))
     batch = torch.export.Dim("batch")
-    with _quiet_onnx_logs():
+    with _quiet_exporter():
         program = torch.onnx.export(
             plain,
             (example,),

@@ -10,12 +10,10 @@ from pyro_bc import export
 from pyro_bc.compress import Gather
 from pyro_bc.nn import BayesianConv2d, BayesianLinear, BayesianNetwork
 
-pytestmark = [
-    # PyTorch deprecates TorchScript, which to_torchscript exists for, and its own exporter
-    # trips over a deprecation inside torch.export: neither is ours to fix
-    pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning"),
-    pytest.mark.filterwarnings(r"ignore:`isinstance\(treespec, LeafSpec\)`:FutureWarning"),
-]
+# PyTorch deprecates TorchScript, which to_torchscript exists for
+pytestmark = pytest.mark.filterwarnings(
+    r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning"
+)
 
 # conv1's filter 1 goes (and with it fc1's inputs 9..17); fc1's inputs 0, 20, 30 go, so a Gather
 # sits in front of fc1; fc2's input 2 goes, which removes fc1's output 2
