@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .codec import load
+from .compressed import load
 from .files import write_atomically
 
 __all__ = ["export_file", "to_onnx", "to_torchscript"]

@@ -7,7 +7,7 @@ from torch import nn
 
 import pyro_bc
 from pyro_bc import export
-from pyro_bc.compress import Gather
+from pyro_bc.gather import Gather
 from pyro_bc.nn import BayesianConv2d, BayesianLinear, BayesianNetwork
 
 # PyTorch deprecates TorchScript, which to_torchscript exists for

@@ -1,4 +1,4 @@
-"""Bit widths from posterior variances: the paper's rule (``docs/method.md#bit-precision``).
+"""Bit widths from posterior variances: the paper's rule (``docs/method.md#bit-widths``).
 
 Per weight, the number of ``t`` in 1..23 with ``2 Var[w] < 2^-t`` (a weight whose posterior is
 wide deserves few bits); per layer, the ceiling of the mean over its kept weights. One global

@@ -14,7 +14,7 @@ posterior-mean network:
    layer first, bisection) while the quantized network stays within the budget.
 
 The error is assumed to grow with ``k`` and to fall with the bits (bisection needs it); the final
-network is checked against the whole budget. See ``docs/method.md#error-budget``.
+network is checked against the whole budget. See ``docs/method.md#thresholds``.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ class LayerReport:
 
     ``groups_below_threshold`` counts the layer's own groups under its threshold;
     ``groups_kept`` the groups left after masks propagated through the chain. ``paper_bits`` is
-    ``1 + e + t`` (the paper's accounting, ``docs/method.md#accounting``), ``file_bits`` the
+    ``1 + e + t`` (the paper's accounting, ``docs/method.md#compression-rates``), ``file_bits`` the
     width the file really stores.
 
     Example::
@@ -45,7 +45,7 @@ class LayerReport:
 class CompressionReport:
     """Per-layer and total numbers of a compression: ``print(report)``, ``report.to_dict()``.
 
-    Rates follow the paper's accounting (``docs/method.md#accounting``):
+    Rates follow the paper's accounting (``docs/method.md#compression-rates``):
     ``pruning_rate = |W| / |W kept|`` and
     ``precision_rate = 32 |W| / sum_l |W_l kept| (1 + e + t_l)``, biases not counted. The real
     file is compared with the dense float32 network *including* biases (``file_rate``); the
