@@ -1,5 +1,6 @@
 import gzip
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -333,3 +334,117 @@ def test_unreachable_mirrors_report_every_url(tmp_path):
         datasets.download_mnist(tmp_path / "target", mirrors=mirrors)
     assert all(m in str(info.value) for m in mirrors)
     assert not list((tmp_path / "target").iterdir())
+
+
+# ----------------------------------------------------------------------------
+# Hardening: decompression bombs, remembered checksums, conflicting copies, bad contents
+
+
+def gzip_bomb(header: bytes, inflated_bytes: int) -> bytes:
+    """A valid multi-member gzip file: ``header`` then ``inflated_bytes`` zeros, ~1000:1."""
+    chunk = 16 << 20
+    member = gzip.compress(bytes(chunk), compresslevel=9, mtime=0)
+    return gzip.compress(header, mtime=0) + member * (inflated_bytes // chunk)
+
+
+def test_gzip_bomb_fails_fast_with_bounded_memory(tmp_path):
+    import tracemalloc
+
+    write_tiny_mnist(tmp_path)
+    bomb = tmp_path / "train-images-idx3-ubyte.gz"
+    # A plausible header (60,000 images of 28x28), then 2 GiB where 47 MB belong.
+    bomb.write_bytes(gzip_bomb(idx_bytes(0x00000803, (60000, 28, 28), payload=b""), 2 << 30))
+    assert bomb.stat().st_size < 4_000_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataFileError, match="more than 47,040,016 bytes") as info:
+            datasets.load_mnist(tmp_path, verify=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert str(bomb) in str(info.value)
+    assert peak < 150 * 2**20  # about two copies of the 47 MB cap, not 2 GiB
+
+
+def test_read_idx_cap(tmp_path):
+    path = tmp_path / "labels-idx1-ubyte.gz"
+    datasets.write_idx(path, torch.arange(10, dtype=torch.uint8))
+    assert len(datasets.read_idx(path, max_bytes=18)) == 10  # 8 header bytes + 10 labels
+    with pytest.raises(DataFileError, match="more than 17 bytes") as info:
+        datasets.read_idx(path, max_bytes=17)
+    assert str(path) in str(info.value)
+
+
+def test_checksums_are_computed_once_and_remembered(tiny_checksums, monkeypatch):
+    from pyro_bc.datasets import storage
+
+    datasets.load_mnist(tiny_checksums)  # hashes every file and writes the stamp
+    stamp = json.loads((tiny_checksums / STAMP_NAME).read_text())
+    assert sorted(stamp) == sorted(n + ".gz" for n in mnist_files.MNIST_SHA256)
+    for name, entry in stamp.items():
+        assert entry["sha256"] == mnist_files.MNIST_SHA256[name.removesuffix(".gz")]
+        assert entry["size"] == (tiny_checksums / name).stat().st_size
+    assert not list(tiny_checksums.glob(".*.tmp"))  # written atomically
+
+    def no_hashing(*args):
+        raise AssertionError("hashed a file whose verdict is remembered")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(storage.hashlib, "sha256", no_hashing)
+        datasets.load_mnist(tiny_checksums)
+
+    # A changed file (new size and modification time) is hashed again and caught.
+    labels = tiny_checksums / "t10k-labels-idx1-ubyte.gz"
+    datasets.write_idx(labels, torch.arange(9, dtype=torch.uint8))
+    with pytest.raises(DataFileError, match="checksum mismatch") as info:
+        datasets.load_mnist(tiny_checksums)
+    assert str(labels) in str(info.value)
+
+
+def test_damaged_stamp_is_ignored(tiny_checksums):
+    (tiny_checksums / STAMP_NAME).write_text("{not json")
+    assert len(datasets.load_mnist(tiny_checksums).train_y) == 20
+    assert json.loads((tiny_checksums / STAMP_NAME).read_text())  # rewritten
+
+
+def test_cli_data_path_verifies_and_remembers(tiny_checksums, tmp_path):
+    from pyro_bc import cli
+
+    assert len(cli._load_data(str(tiny_checksums)).train_y) == 20
+    assert (tiny_checksums / STAMP_NAME).is_file()
+    write_tiny_mnist(tmp_path / "other", n_train=30)  # not the (patched) standard files
+    with pytest.raises(cli.CommandError, match="checksum mismatch"):
+        cli._load_data(str(tmp_path / "other"))
+
+
+def test_gz_and_plain_copies_must_agree(tiny_checksums):
+    name = "train-labels-idx1-ubyte"
+    raw = gzip.decompress((tiny_checksums / (name + ".gz")).read_bytes())
+    (tiny_checksums / name).write_bytes(raw)
+    assert len(datasets.load_mnist(tiny_checksums).train_y) == 20  # identical copies are fine
+
+    (tiny_checksums / name).write_bytes(raw[:-1] + bytes([(raw[-1] + 1) % 10]))
+    for verify in (True, False):
+        with pytest.raises(DataFileError, match="different contents") as info:
+            datasets.load_mnist(tiny_checksums, verify=verify)
+        assert str(tiny_checksums / name) in str(info.value)
+        assert str(tiny_checksums / (name + ".gz")) in str(info.value)
+
+
+def test_empty_split_is_refused(tmp_path):
+    write_tiny_mnist(tmp_path, n_test=0)
+    with pytest.raises(DataFileError, match="test split is empty") as info:
+        datasets.load_mnist(tmp_path, verify=False)
+    assert str(tmp_path / "t10k-images-idx3-ubyte.gz") in str(info.value)
+    assert str(tmp_path / "t10k-labels-idx1-ubyte.gz") in str(info.value)
+
+
+def test_labels_out_of_range_are_refused(tmp_path):
+    write_tiny_mnist(tmp_path)
+    labels = tmp_path / "train-labels-idx1-ubyte.gz"
+    bad = datasets.read_idx(labels)
+    bad[7] = 10
+    datasets.write_idx(labels, bad)
+    with pytest.raises(DataFileError, match="label 10 at index 7") as info:
+        datasets.load_mnist(tmp_path, verify=False)
+    assert str(labels) in str(info.value)

@@ -81,9 +81,13 @@ class TensorBatches:
         return -(-len(self.y) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n, size = len(self.y), self.batch_size
-        # DataLoader draws a base seed for its workers on every pass, shuffled or not.
+        # DataLoader draws a base seed for its workers whenever an iterator is made, shuffled
+        # or not, even one never used (tqdm makes one it throws away): so do we, eagerly.
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        return self._batches()
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, size = len(self.y), self.batch_size
         order = None
         if self.shuffle:
             # RandomSampler: a fresh generator seeded from the global stream, or the given one.
