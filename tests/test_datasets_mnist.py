@@ -401,6 +401,17 @@ def test_checksums_are_computed_once_and_remembered(tiny_checksums, monkeypatch)
     assert str(labels) in str(info.value)
 
 
+def test_read_only_data_folder_still_loads(tiny_checksums, monkeypatch):
+    from pyro_bc.datasets import storage
+
+    def read_only(*args):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(storage, "write_atomically", read_only)
+    assert len(datasets.load_mnist(tiny_checksums).train_y) == 20  # verified, just not stamped
+    assert not (tiny_checksums / STAMP_NAME).exists()
+
+
 def test_damaged_stamp_is_ignored(tiny_checksums):
     (tiny_checksums / STAMP_NAME).write_text("{not json")
     assert len(datasets.load_mnist(tiny_checksums).train_y) == 20

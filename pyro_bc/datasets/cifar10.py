@@ -89,7 +89,7 @@ def _missing_files(root: Path) -> list[str]:
     return [name for name in names if not (folder / name).is_file()]
 
 
-def download_cifar10(root: str | os.PathLike | None = None, *, url: str = CIFAR10_URL) -> Path:
+def download_cifar10(root: str | os.PathLike | None = None, *, url: str | None = None) -> Path:
     """
     Download the official binary archive, check its MD5 and extract the six batch files.
 
@@ -104,7 +104,7 @@ def download_cifar10(root: str | os.PathLike | None = None, *, url: str = CIFAR1
         PosixPath('/home/me/data/cifar10/cifar-10-batches-bin')
 
     :param root: target directory, created if needed; default :func:`default_cifar10_dir`.
-    :param url: where to fetch the archive from (a mirror of the official file).
+    :param url: where to fetch the archive from; default :data:`CIFAR10_URL`, the official one.
     :returns: the folder holding the batch files.
     :raises DataDownloadError: if the download fails or the archive's MD5 is wrong.
     """
@@ -112,7 +112,7 @@ def download_cifar10(root: str | os.PathLike | None = None, *, url: str = CIFAR1
     if not _missing_files(root):
         return _batch_dir(root)
     archive = root / "cifar-10-binary.tar.gz"
-    fetch(url, archive, max_bytes=CIFAR10_ARCHIVE_BYTES, md5=CIFAR10_MD5)
+    fetch(url or CIFAR10_URL, archive, max_bytes=CIFAR10_ARCHIVE_BYTES, md5=CIFAR10_MD5)
     try:
         members = {f"{CIFAR10_FOLDER}/{name}" for name in (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE)}
         extract_tar(archive, root, members)
