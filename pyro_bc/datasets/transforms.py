@@ -56,12 +56,11 @@ class RandomCropFlip:
         p = self.padding
         if p:
             padded = torch.nn.functional.pad(x, (p, p, p, p))
-            top = torch.randint(0, 2 * p + 1, (n, 1), generator=self.generator)
-            left = torch.randint(0, 2 * p + 1, (n, 1), generator=self.generator)
-            rows = (top + torch.arange(h)).view(n, 1, h, 1)
-            cols = (left + torch.arange(w)).view(n, 1, 1, w)
-            images, channels = torch.arange(n).view(n, 1, 1, 1), torch.arange(x.shape[1])
-            x = padded[images, channels.view(1, -1, 1, 1), rows, cols]
+            top = torch.randint(0, 2 * p + 1, (n,), generator=self.generator)
+            left = torch.randint(0, 2 * p + 1, (n,), generator=self.generator)
+            # every window as a view (N, C, 2p + 1, 2p + 1, H, W); one gather picks each image's
+            windows = padded.unfold(2, h, 1).unfold(3, w, 1)
+            x = windows[torch.arange(n), :, top, left]
         flips = torch.rand(n, generator=self.generator) < self.flip
         return torch.where(flips.view(n, 1, 1, 1), x.flip(-1), x)
 
