@@ -2,13 +2,15 @@ import gzip
 import hashlib
 import json
 import os
+import tracemalloc
 from pathlib import Path
 
 import pytest
 import torch
 
-from pyro_bc import datasets
+from pyro_bc import cli, datasets
 from pyro_bc.datasets import mnist as mnist_files
+from pyro_bc.datasets import storage
 from pyro_bc.datasets.storage import STAMP_NAME, DataFileError
 
 FULL_MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/mnist"
@@ -348,8 +350,6 @@ def gzip_bomb(header: bytes, inflated_bytes: int) -> bytes:
 
 
 def test_gzip_bomb_fails_fast_with_bounded_memory(tmp_path):
-    import tracemalloc
-
     write_tiny_mnist(tmp_path)
     bomb = tmp_path / "train-images-idx3-ubyte.gz"
     # A plausible header (60,000 images of 28x28), then 2 GiB where 47 MB belong.
@@ -376,8 +376,6 @@ def test_read_idx_cap(tmp_path):
 
 
 def test_checksums_are_computed_once_and_remembered(tiny_checksums, monkeypatch):
-    from pyro_bc.datasets import storage
-
     datasets.load_mnist(tiny_checksums)  # hashes every file and writes the stamp
     stamp = json.loads((tiny_checksums / STAMP_NAME).read_text())
     assert sorted(stamp) == sorted(n + ".gz" for n in mnist_files.MNIST_SHA256)
@@ -402,8 +400,6 @@ def test_checksums_are_computed_once_and_remembered(tiny_checksums, monkeypatch)
 
 
 def test_read_only_data_folder_still_loads(tiny_checksums, monkeypatch):
-    from pyro_bc.datasets import storage
-
     def read_only(*args):
         raise PermissionError("read-only file system")
 
@@ -419,8 +415,6 @@ def test_damaged_stamp_is_ignored(tiny_checksums):
 
 
 def test_cli_data_path_verifies_and_remembers(tiny_checksums, tmp_path):
-    from pyro_bc import cli
-
     assert len(cli._load_data(str(tiny_checksums)).train_y) == 20
     assert (tiny_checksums / STAMP_NAME).is_file()
     write_tiny_mnist(tmp_path / "other", n_train=30)  # not the (patched) standard files
