@@ -32,9 +32,9 @@ import pyro
 import torch
 
 import pyro_bc
-from pyro_bc.cli import MODELS, PRIORS, build
 from pyro_bc.datasets import load_mnist, train_test_loaders
 from pyro_bc.files import write_atomically
+from pyro_bc.models import MODELS, PRIORS, build
 
 
 def build_guide(args):

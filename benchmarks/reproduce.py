@@ -40,9 +40,10 @@ import pyro
 import torch
 
 import pyro_bc
-from pyro_bc.cli import RESCALE_PRIORS, build, parse_thresholds
+from pyro_bc.cli import parse_thresholds
 from pyro_bc.datasets import load_mnist, train_test_loaders
 from pyro_bc.files import write_atomically
+from pyro_bc.models import build, recipe
 
 RESULTS = Path(__file__).parent / "results"
 RUNS = Path(__file__).parent / "runs"
@@ -85,7 +86,7 @@ def reproduce(args):
     torch.set_num_threads(args.threads)
     epochs = args.epochs or DEFAULT_EPOCHS[args.network]
     if args.rescale is None:
-        args.rescale = args.prior in RESCALE_PRIORS
+        args.rescale = recipe(args.network, args.prior).rescale
     decay = DEFAULT_DECAY_EPOCHS[args.network] if args.decay_epochs is None else args.decay_epochs
     schedule = pyro_bc.infer.linear_decay(epochs - decay, epochs) if decay > 0 else None
     run_dir = RUNS / f"{args.network}-{args.prior}"

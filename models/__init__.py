@@ -1,5 +1,6 @@
-"""The paper's networks as Pyro models (importable as ``pyro_bc.models``)."""
+"""The paper's networks as Pyro models, and their recipes (importable as ``pyro_bc.models``)."""
 
 from .lenet import LeNet5Caffe, LeNet300100
+from .recipes import MODELS, PRIORS, RECIPES, Recipe, build, recipe
 
-__all__ = ["LeNet300100", "LeNet5Caffe"]
+__all__ = ["MODELS", "PRIORS", "RECIPES", "LeNet300100", "LeNet5Caffe", "Recipe", "build", "recipe"]

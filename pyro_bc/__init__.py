@@ -9,12 +9,14 @@ Example::
     model = LeNet300100(prior=priors.GroupNormalJeffreys(), dataset_size=60_000)
     guide = pyro_bc.StructuredGuide(model)
     pyro_bc.fit(model, guide, train_loader, epochs=200)
+    compressed = pyro_bc.compress(guide, calibration=train_loader)
+    compressed.save("lenet300.bc")            # pyro_bc.load("lenet300.bc") gives it back
 """
 
 from . import distributions, nn, poutine, priors
 from .audit import kl_audit
-from .codec import load
-from .compress import CompressedNetwork, compress
+from .compressed import CompressedNetwork, load, save
+from .compression import compress, group_masks
 from .guides import StructuredGuide
 from .infer import evaluate, fit, load_checkpoint, predict_logits
 
@@ -27,6 +29,7 @@ __all__ = [
     "distributions",
     "evaluate",
     "fit",
+    "group_masks",
     "kl_audit",
     "load",
     "load_checkpoint",
@@ -34,4 +37,5 @@ __all__ = [
     "poutine",
     "predict_logits",
     "priors",
+    "save",
 ]

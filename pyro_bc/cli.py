@@ -20,28 +20,13 @@ from pathlib import Path
 import pyro
 
 from . import datasets as bc_data
-from . import priors
+from . import models, plots
 from .codec import CompressedFileError
-from .codec import load as load_compressed
-from .compress import compress
+from .compressed import CompressedNetwork
+from .compression import compress
 from .files import write_atomically
-from .guides import StructuredGuide
 from .infer import evaluate, fit, load_checkpoint, pretrain
-
-MODELS = {"lenet300": "LeNet300100", "lenet5": "LeNet5Caffe"}
-PRIORS = {
-    "gnj": priors.GroupNormalJeffreys,
-    "ghs": priors.GroupHorseshoe,
-    "rhs": priors.RegularizedHorseshoe,
-}
-#: the authors' clipping of the weight variances (their GNJ LeNet-300-100, first layer), for both
-#: priors. Without it the KL of theta pays for pruning whole pixels, and the horseshoe over-prunes
-#: fc1. With it, groups the horseshoe prunes keep some weight: compression replaces their inputs
-#: by their training means (``compress(..., calibration=train_loader)``).
-CLIP_VAR = {("lenet300", "gnj"): {"fc1": 0.04}, ("lenet300", "ghs"): {"fc1": 0.04}}
-#: priors whose guide starts from a trained network with ``init_from(..., rescale=True)``: the
-#: horseshoe otherwise spends its first epochs moving the weights' magnitude into its scales
-RESCALE_PRIORS = {"ghs"}
+from .models import MODELS, PRIORS, recipe
 
 
 class CommandError(Exception):
@@ -49,22 +34,16 @@ class CommandError(Exception):
 
 
 def build(model_name, prior_name, dataset_size):
-    """Network class, model and guide for ``--model`` and ``--prior``.
+    """Network class, model and guide for ``--model`` and ``--prior`` (their recipe's).
 
     Example::
 
         network, model, guide = build("lenet300", "gnj", 60_000)
     """
-    from . import models
-
-    if model_name not in MODELS:
-        raise CommandError(f"unknown model {model_name!r}; choose from {sorted(MODELS)}")
-    if prior_name not in PRIORS:
-        raise CommandError(f"unknown prior {prior_name!r}; choose from {sorted(PRIORS)}")
-    network = getattr(models, MODELS[model_name])
-    model = network(prior=PRIORS[prior_name](), dataset_size=dataset_size)
-    clip_var = CLIP_VAR.get((model_name, prior_name))
-    return network, model, StructuredGuide(model, clip_var=clip_var)
+    try:
+        return models.build(model_name, prior_name, dataset_size)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
 
 
 def parse_thresholds(text):
@@ -115,10 +94,6 @@ def _compress(guide, thresholds, test_loader, out, calibration=None):
 
 
 def _figures(guide, compressed, thresholds, out, history=None):
-    try:
-        from . import plots
-    except ImportError:  # figures are optional where matplotlib cannot load
-        return
     plots.pruning_histograms(guide, thresholds=thresholds, path=out / "pruning-histograms.png")
     plots.weight_matrices(guide, compressed, path=out / "weights.png")
     plots.bits_per_layer(compressed, path=out / "bits.png")
@@ -136,7 +111,7 @@ def run(args):
     checkpoint = out / "checkpoint.pt"
     if args.pretrain_epochs > 0 and not (args.resume and checkpoint.exists()):
         twin = pretrain(network.deterministic(), train_loader, epochs=args.pretrain_epochs)
-        guide.init_from(twin, rescale=args.prior in RESCALE_PRIORS)
+        guide.init_from(twin, rescale=recipe(args.model, args.prior).rescale)
     metadata = {"model": args.model, "prior": args.prior, "dataset_size": len(data.train_x)}
     history = fit(
         model,
@@ -206,7 +181,7 @@ def compress_checkpoint(args):
 
 def _load_network(path):
     try:
-        return load_compressed(path)
+        return CompressedNetwork.load(path)
     except (FileNotFoundError, CompressedFileError) as e:
         raise CommandError(str(e)) from e
 

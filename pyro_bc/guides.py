@@ -230,8 +230,7 @@ class StructuredGuide(nn.Module):
                     f"{None if weight is None else tuple(weight.shape)}"
                 )
             if rescale:
-                group_dim = 1 if layer.group_side == "input" else 0
-                group_dims = [d for d in range(weight.dim()) if d != group_dim]
+                group_dims = [d for d in range(weight.dim()) if d != layer.group_dim]
                 rms = weight.detach().pow(2).mean(group_dims).sqrt().clamp(min=1e-6)
                 locs = {f.site: f.loc.data for f in posterior.scale_factors}
                 layer.prior.set_guide_scale(posterior.name, locs, rms)
@@ -239,12 +238,11 @@ class StructuredGuide(nn.Module):
             mean_z, _ = layer.prior.scale_moments(
                 posterior.name, layer.num_groups, scale_posteriors
             )
-            mean_z = mean_z[None, :] if layer.group_side == "input" else mean_z[:, None]
-            mean_z = mean_z.reshape(mean_z.shape + (1,) * (weight.dim() - 2))
+            mean_z = layer.group_view(mean_z)
             posterior.weight.loc.copy_(weight / mean_z)
             if posterior.bias is not None and getattr(source, "bias", None) is not None:
                 bias = source.bias
-                if layer.group_side == "output":
+                if layer.group_dim == 0:  # the scale multiplies the bias too
                     bias = bias / mean_z.reshape(-1)
                 posterior.bias.loc.copy_(bias)
         return self

@@ -34,8 +34,10 @@ class BayesianLayer(PyroModule):
     variance of the output under a factorised Normal posterior of the weights).
     """
 
-    #: which side of the weight matrix the groups index: "input" (dense) or "output" (conv)
-    group_side: str
+    #: what compression calls the layer: "dense" (groups are inputs) or "conv" (groups are filters)
+    kind: str
+    #: the dimension of the weight tensor that the groups index: 1 (inputs) or 0 (outputs)
+    group_dim: int
 
     def __init__(self, weight_shape, num_groups, prior, bias):
         super().__init__()
@@ -70,6 +72,30 @@ class BayesianLayer(PyroModule):
     def _standard_normal(self, shape):
         return StandardNormal(shape, like=self._zero).to_event(len(shape))
 
+    def group_view(self, per_group: torch.Tensor) -> torch.Tensor:
+        """``per_group`` (shape ``(G,)``) reshaped to broadcast against the weight tensor.
+
+        Example::
+
+            layer.group_view(mean_z) * weight_loc  # E[z] mu, whatever the layer's kind
+        """
+        shape = [1] * len(self.weight_shape)
+        shape[self.group_dim] = -1
+        return per_group.reshape(shape)
+
+    def plain_layer(self, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        """An ordinary torch layer of this layer's kind computing with ``weight`` and ``bias``
+        (of any number of kept units): what compression puts in the thinned network.
+
+        Example::
+
+            dense_mean = layer.plain_layer(weight_mean, bias_mean)
+        """
+        raise NotImplementedError
+
+    def check_thinnable(self) -> None:
+        """Raises a ``ValueError`` naming the layer if compression cannot remove its groups."""
+
     def apply(self, x, z, weight, bias):
         """The layer's output for group scale ``z`` (``(G,)`` or per example ``(B, G)``)."""
         raise NotImplementedError
@@ -91,7 +117,8 @@ class BayesianLinear(BayesianLayer):
         trace = pyro.poutine.trace(pyro.poutine.replay(layer, guide_trace)).get_trace(x)
     """
 
-    group_side = "input"
+    kind = "dense"
+    group_dim = 1
 
     def __init__(self, in_features, out_features, bias=True, prior=None):
         super().__init__((out_features, in_features), in_features, prior, bias)
@@ -104,6 +131,11 @@ class BayesianLinear(BayesianLayer):
     def moments(self, x, z, weight_loc, weight_var, bias_loc, bias_var):
         xz = x * z
         return F.linear(xz, weight_loc, bias_loc), F.linear(xz.pow(2), weight_var, bias_var)
+
+    def plain_layer(self, weight, bias):
+        out_features, in_features = weight.shape
+        layer = nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias is not None)
+        return _set_parameters(layer, weight, bias)
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, bias={self.has_bias}, prior={self.prior}"
@@ -120,7 +152,8 @@ class BayesianConv2d(BayesianLayer):
         conv = BayesianConv2d(1, 20, 5, prior=GroupNormalJeffreys())
     """
 
-    group_side = "output"
+    kind = "conv"
+    group_dim = 0
 
     def __init__(
         self,
@@ -156,6 +189,27 @@ class BayesianConv2d(BayesianLayer):
     def apply(self, x, z, weight, bias):
         return self._conv(x, weight, bias) * _per_channel(z)
 
+    def plain_layer(self, weight, bias):
+        layer = nn.utils.skip_init(
+            nn.Conv2d,
+            weight.shape[1],
+            weight.shape[0],
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=bias is not None,
+        )
+        return _set_parameters(layer, weight, bias)
+
+    def check_thinnable(self):
+        if self.groups != 1:
+            raise ValueError(
+                f"compress: layer {self.site()!r} is a grouped convolution (groups={self.groups});"
+                " removing filters would make its groups unequal, which nn.Conv2d cannot hold. "
+                "Only groups=1 convolutions can be thinned."
+            )
+
     def moments(self, x, z, weight_loc, weight_var, bias_loc, bias_var):
         z = _per_channel(z)
         mean = self._conv(x, weight_loc, bias_loc) * z
@@ -172,6 +226,14 @@ class BayesianConv2d(BayesianLayer):
 
 def _per_channel(z):
     return z[..., None, None]
+
+
+@torch.no_grad()
+def _set_parameters(layer, weight, bias):
+    layer.weight.copy_(weight)
+    if bias is not None:
+        layer.bias.copy_(bias)
+    return layer
 
 
 def _apply_sampled(layer, x, z, weight, bias):

@@ -6,7 +6,7 @@ scripts, tests and headless servers and never opens a window), and saves it when
 notebook the returned figure displays itself.
 
 The masks drawn are those :func:`pyro_bc.compress` applies: they come from
-:func:`pyro_bc.compress.group_masks`, which runs compress's own analysis. Pass either the
+:func:`pyro_bc.group_masks`, which runs compress's own analysis. Pass either the
 ``thresholds`` you would pass to compress, or the ``compressed`` network itself (its report
 holds the thresholds it used).
 
@@ -34,7 +34,13 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from .compress import compress, group_masks, histogram_valley, significand_bits, weight_bits
+from .compression import (
+    compress,
+    group_masks,
+    histogram_valley,
+    significand_bits,
+    weight_bits,
+)
 from .files import write_atomically
 
 __all__ = [
@@ -181,7 +187,7 @@ def weight_matrices(
 
     :param guide: a trained :class:`~pyro_bc.StructuredGuide`.
     :param compressed: the :class:`~pyro_bc.CompressedNetwork` compress returned for ``guide``;
-        its thresholds are used. Or give ``thresholds`` (as for compress; default -3).
+        its thresholds are used. Or give ``thresholds`` (as for compress; default "auto").
     :param signed: draw ``E[w]`` with a diverging colormap instead of ``|E[w]|``.
     :param layers: names of the layers to draw (default: all).
     :param path: if given, the figure is also saved there (PNG, atomically).
@@ -354,7 +360,7 @@ def bits_per_layer(compressed, *, path=None) -> Figure:
     """Per layer, the fraction bits ``t`` and the bits per weight in the paper's and the file's
     accounting, from ``compressed.report``.
 
-    Three bars per layer: ``t`` (fraction bits, PAPER.md's rule from the posterior variances),
+    Three bars per layer: ``t`` (fraction bits, the paper's rule from the posterior variances),
     ``1 + e + t`` (the paper's accounting: sign, one global exponent width ``e``, ``t``) and the
     fixed-point width the ``.bc`` file really stores (sign, the integer bits the largest weight
     needs, ``t``). A layer kept in float32 (``bits=None``) shows 32 and no ``t``.
@@ -553,7 +559,7 @@ def training_curves(history, *, path=None) -> Figure:
     ``history`` is a :class:`pyro_bc.infer.History` or a list of per-epoch dicts. Panels:
     the loss (the negative ELBO per step, log scale when positive); the train and test errors
     when recorded; and the kept groups per layer when the records hold a ``"kept_groups"`` dict
-    (as a ``fit`` callback can store, see ``benchmarks/lenet300_gnj.py``).
+    (as a ``fit`` callback can store, see ``benchmarks/reproduce.py``).
 
     Example::
 

@@ -13,9 +13,18 @@ from hypothesis import strategies as st
 from torch import nn
 
 import pyro_bc
-from pyro_bc.codec import CompressedFileError, decode, encode, pack_bits, unpack_bits
+from pyro_bc.codec import CompressedFileError, pack_bits, unpack_bits
+from pyro_bc.compressed import CompressedNetwork
 from pyro_bc.models import LeNet5Caffe, LeNet300100
 from pyro_bc.nn import BayesianConv2d, BayesianLinear, BayesianNetwork
+
+
+def decode(data, source="<bytes>", **kwargs):
+    return CompressedNetwork.from_bytes(data, source, **kwargs)
+
+
+def encode(network):
+    return network.to_bytes()
 
 
 def _compressed(network, pruned, bits="auto", seed=0):

@@ -130,8 +130,7 @@ def test_init_from_with_rescale_moves_the_magnitude_into_the_scales(network, pri
     for posterior in guide.layers:
         layer = model.get_submodule(posterior.name)
         theta = posterior.weight.loc.detach()
-        group_dim = 1 if layer.group_side == "input" else 0
-        other_dims = [d for d in range(theta.dim()) if d != group_dim]
+        other_dims = [d for d in range(theta.dim()) if d != layer.group_dim]
         # the scale's variance is tiny at the start, so E[z] is the group's RMS to ~1e-4
         rms = theta.pow(2).mean(other_dims).sqrt()
         torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-3, atol=0)

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import pyro_bc
 from pyro_bc import plots
-from pyro_bc.compress import group_masks, significand_bits, weight_bits
+from pyro_bc.compression import group_masks, significand_bits, weight_bits
 from pyro_bc.infer import History
 from pyro_bc.nn import BayesianConv2d, BayesianLinear, BayesianNetwork
 

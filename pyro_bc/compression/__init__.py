@@ -1,0 +1,42 @@
+"""Compression of a trained guide, in stages, one module each:
+
+- :mod:`~pyro_bc.compression.chain`: the chain of modules, proved from a traced forward pass;
+- :mod:`~pyro_bc.compression.summaries`: posterior summaries (pruning quantity, ``E[w]``,
+  ``Var[w]``);
+- :mod:`~pyro_bc.compression.thresholds`: per-layer thresholds (given, or the histogram valley);
+- :mod:`~pyro_bc.compression.budget`: thresholds and bits for an error budget on validation data;
+- :mod:`~pyro_bc.compression.masks`: group masks propagated along the chain;
+- :mod:`~pyro_bc.compression.calibration`: pruned inputs replaced by their means;
+- :mod:`~pyro_bc.compression.bits`: bit widths from posterior variances;
+- :mod:`~pyro_bc.compression.thinning`: the thinned, quantized network;
+- :mod:`~pyro_bc.compression.report`: the report and the paper's accounting;
+- :mod:`~pyro_bc.compression.pipeline`: :func:`compress` and :func:`group_masks`.
+
+Example::
+
+    compressed = pyro_bc.compress(guide, calibration=train_loader, test_loader=test_loader)
+    print(compressed.report)
+    compressed.save("lenet300.bc")
+"""
+
+from .bits import exponent_bits, significand_bits, weight_bits
+from .chain import trace_chain
+from .masks import LayerMasks
+from .pipeline import analyse, compress, group_masks
+from .report import CompressionReport, LayerReport
+from .thresholds import DEFAULT_THRESHOLD, histogram_valley
+
+__all__ = [
+    "CompressionReport",
+    "DEFAULT_THRESHOLD",
+    "LayerMasks",
+    "LayerReport",
+    "analyse",
+    "compress",
+    "exponent_bits",
+    "group_masks",
+    "histogram_valley",
+    "significand_bits",
+    "trace_chain",
+    "weight_bits",
+]

@@ -1,0 +1,147 @@
+"""Thresholds and bit widths chosen for an error budget on validation data.
+
+Given a validation loader (held-out *training* data, never the test set) and a budget
+``max_error_increase``, the search looks for the smallest network whose validation error stays
+within ``dense + max_error_increase``, ``dense`` being the validation error of the dense
+posterior-mean network:
+
+1. **Thresholds.** Each layer's groups are ranked by their pruning quantity; pruning the ``k``
+   highest is one threshold. Layers are visited largest first, and for each a bisection finds
+   the largest ``k`` whose network (float32 weights) stays within the budget, the other layers
+   fixed. Two passes: the first may spend half of the budget, the second all of it, so that the
+   first layer visited does not take it all.
+2. **Bits.** From the paper's bit-width rule, each layer's fraction bits are lowered (largest
+   layer first, bisection) while the quantized network stays within the budget.
+
+The error is assumed to grow with ``k`` and to fall with the bits (bisection needs it); the final
+network is checked against the whole budget. See ``docs/method.md#error-budget``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .masks import plan_masks
+from .thinning import kept_parameters, thin
+
+PASSES = (0.5, 1.0)
+
+
+class _Search:
+    def __init__(self, analysis, means, validation, allowed_error):
+        self.analysis = analysis
+        self.means = means
+        self.validation = validation
+        self.allowed = allowed_error
+        self.evaluations = 0
+        # groups of each layer, most prunable first
+        self.order = {
+            site: torch.argsort(s.log_alpha, descending=True, stable=True)
+            for site, s in analysis.summaries.items()
+        }
+
+    def keeps(self, pruned: dict) -> dict:
+        keeps = {}
+        for site, order in self.order.items():
+            keep = torch.ones(order.numel(), dtype=torch.bool)
+            keep[order[: pruned[site]]] = False
+            keeps[site] = keep
+        return keeps
+
+    def error(self, pruned: dict, bits: dict | None = None):
+        """Validation error of the network with ``pruned[site]`` groups pruned per layer, or
+        None when those masks leave a layer without inputs or outputs."""
+        try:
+            plans = plan_masks(self.analysis.chain, self.keeps(pruned))
+        except ValueError:
+            return None
+        kept = {
+            site: kept_parameters(self.analysis.summaries[site], plan, self.means.get(site))
+            for site, plan in plans.items()
+        }
+        frac_bits = bits or dict.fromkeys(plans)
+        try:
+            network, _ = thin(self.analysis.chain, plans, kept, frac_bits, self.analysis.shape)
+        except ValueError:
+            return None
+        self.evaluations += 1
+        return network.evaluate(self.validation)["error"]
+
+    def within(self, pruned, limit, bits=None):
+        error = self.error(pruned, bits)
+        return error is not None and error <= limit
+
+
+def search_thresholds(analysis, means, validation, dense_error, max_error_increase):
+    """``{site: k}``, the number of groups pruned per layer, and the thresholds they amount to
+    (``{site: (threshold, "budget")}``).
+
+    Example::
+
+        pruned, thresholds = search_thresholds(analysis, {}, val_loader, 0.0158, 0.001)
+    """
+    search = _Search(analysis, means, validation, dense_error + max_error_increase)
+    sizes = {site: s.weight_mean.numel() for site, s in analysis.summaries.items()}
+    visit = sorted(sizes, key=sizes.get, reverse=True)
+    pruned = dict.fromkeys(visit, 0)
+    for fraction in PASSES:
+        limit = dense_error + fraction * max_error_increase
+        for site in visit:
+            low, high = pruned[site], search.order[site].numel() - 1
+            while low < high:  # the largest feasible k in [low, high]; low is feasible
+                mid = (low + high + 1) // 2
+                if search.within({**pruned, site: mid}, limit):
+                    low = mid
+                else:
+                    high = mid - 1
+            pruned[site] = low
+    thresholds = {}
+    for site, k in pruned.items():
+        values = analysis.summaries[site].log_alpha[search.order[site]].double()
+        thresholds[site] = (_between(values, k), "budget")
+    return pruned, thresholds
+
+
+def _between(sorted_desc, k):
+    """A threshold that prunes exactly the first ``k`` of the descending ``sorted_desc``."""
+    if k == 0:
+        return math.inf
+    last_pruned = sorted_desc[k - 1].item()
+    if k == sorted_desc.numel():
+        return last_pruned
+    first_kept = sorted_desc[k].item()
+    if not math.isfinite(last_pruned):  # a group whose scale has mean zero
+        return first_kept + 1.0 if math.isfinite(first_kept) else last_pruned
+    return (last_pruned + first_kept) / 2 if last_pruned > first_kept else last_pruned
+
+
+def search_bits(analysis, means, validation, allowed_error, pruned, frac_bits):
+    """Lowers each layer's fraction bits (largest layer first) while the quantized network's
+    validation error stays within ``allowed_error``; returns the new ``{site: t}`` and the sites
+    whose bits were lowered.
+
+    Example::
+
+        bits, lowered = search_bits(analysis, means, val_loader, 0.017, pruned, {"fc1": 6})
+    """
+    search = _Search(analysis, means, validation, allowed_error)
+    bits, lowered = dict(frac_bits), set()
+    sizes = {site: s.weight_mean.numel() for site, s in analysis.summaries.items()}
+    for site in sorted(sizes, key=sizes.get, reverse=True):
+        if bits[site] is None:
+            continue
+        if not search.within(pruned, allowed_error, bits):
+            break  # the paper's widths already exceed the budget: keep them
+        low, high = 0, bits[site]  # the fewest feasible bits in [low, high]; high is feasible
+        while low < high:
+            mid = (low + high) // 2
+            if search.within(pruned, allowed_error, {**bits, site: mid}):
+                high = mid
+            else:
+                low = mid + 1
+        if high < bits[site]:
+            bits[site] = high
+            lowered.add(site)
+    return bits, lowered
