@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import pyro_bc
-from pyro_bc.data import load
+from pyro_bc.datasets import load_mnist
 from pyro_bc.files import write_atomically
 from pyro_bc.models import LeNet5Caffe
 
@@ -36,7 +36,7 @@ RESULTS = Path(__file__).parent / "results"
 def worker(args):
     torch.set_num_threads(1)
     pyro_bc.distributed.setup()
-    data = load("subset")
+    data = load_mnist("subset")
     train = TensorDataset(data.train_x, data.train_y)
     torch.manual_seed(0)
     model = LeNet5Caffe(dataset_size=len(train))

@@ -32,7 +32,7 @@ import pyro
 import torch
 
 import pyro_bc
-from pyro_bc.data import load, mnist_loaders
+from pyro_bc.datasets import load_mnist, train_test_loaders
 from pyro_bc.files import write_atomically
 from pyro_bc.models import MODELS, PRIORS, build
 
@@ -43,9 +43,9 @@ def build_guide(args):
     if args.checkpoint:
         guide.load_state_dict(pyro_bc.load_checkpoint(args.checkpoint)["guide"])
         return model, guide, f"checkpoint {args.checkpoint}"
-    data = load("subset")
+    data = load_mnist("subset")
     model.dataset_size = len(data.train_x)
-    train_loader, _ = mnist_loaders(data, batch_size=128)
+    train_loader, _ = train_test_loaders(data, batch_size=128)
     pyro.set_rng_seed(args.seed)
     pyro_bc.fit(model, guide, train_loader, epochs=args.quick_epochs, lr=1e-2, progress=False)
     return model, guide, f"quick run: {args.quick_epochs} epochs on the shipped MNIST subset"

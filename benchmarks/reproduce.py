@@ -41,7 +41,7 @@ import torch
 
 import pyro_bc
 from pyro_bc.cli import parse_thresholds
-from pyro_bc.data import load, mnist_loaders
+from pyro_bc.datasets import load_mnist, train_test_loaders
 from pyro_bc.files import write_atomically
 from pyro_bc.models import build, recipe
 
@@ -93,8 +93,8 @@ def reproduce(args):
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = run_dir / "checkpoint.pt"
 
-    data = load(args.data)
-    train_loader, test_loader = mnist_loaders(data, batch_size=128)
+    data = load_mnist(args.data)
+    train_loader, test_loader = train_test_loaders(data, batch_size=128)
     network, model, guide = build(args.network, args.prior, len(data.train_x))
     started = time.perf_counter()
     pretrained_error = None

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pyro
 
-from . import data as bc_data
+from . import datasets as bc_data
 from . import models, plots
 from .codec import CompressedFileError
 from .compressed import CompressedNetwork
@@ -74,7 +74,7 @@ def parse_thresholds(text):
 
 def _load_data(source):
     try:
-        return bc_data.load(source)
+        return bc_data.load_mnist(source)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise CommandError(str(e)) from e
 
@@ -105,7 +105,7 @@ def run(args):
     pyro.set_rng_seed(args.seed)
     out = Path(args.out)
     data = _load_data(args.data)
-    train_loader, test_loader = bc_data.mnist_loaders(data, batch_size=args.batch_size)
+    train_loader, test_loader = bc_data.train_test_loaders(data, batch_size=args.batch_size)
     network, model, guide = build(args.model, args.prior, len(data.train_x))
     thresholds = parse_thresholds(args.thresholds)
     checkpoint = out / "checkpoint.pt"
@@ -172,7 +172,7 @@ def compress_checkpoint(args):
         ) from e
     train_loader = test_loader = None
     if args.data is not None:
-        train_loader, test_loader = bc_data.mnist_loaders(_load_data(args.data))
+        train_loader, test_loader = bc_data.train_test_loaders(_load_data(args.data))
     out = Path(args.out or Path(args.checkpoint).parent)
     thresholds = parse_thresholds(args.thresholds)
     compressed = _compress(guide, thresholds, test_loader, out, calibration=train_loader)
@@ -188,7 +188,7 @@ def _load_network(path):
 
 def evaluate_file(args):
     network = _load_network(args.file)
-    test_loader = bc_data.mnist_loaders(_load_data(args.data))[1]
+    test_loader = bc_data.train_test_loaders(_load_data(args.data))[1]
     result = network.evaluate(test_loader)
     print(json.dumps({"file": str(args.file), "data": str(args.data), **result}, indent=2))
 

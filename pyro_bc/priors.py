@@ -237,7 +237,8 @@ class GroupHorseshoe(GroupPrior):
     """The group horseshoe: ``w_ij = z_i * s * theta_ij``, ``s ~ C+(0, tau0)``, ``z_i ~ C+(0, 1)``.
 
     Each half-Cauchy is written as a scale mixture so that log-normal guides have closed-form
-    KLs (``docs/method.md#group-horseshoe``): ``s^2 = s_a * s_b`` with ``s_a ~ Gamma(1/2, rate=1/tau0^2)``,
+    KLs (``docs/method.md#group-horseshoe``): ``s^2 = s_a * s_b`` with
+    ``s_a ~ Gamma(1/2, rate=1/tau0^2)``,
     ``s_b ~ InverseGamma(1/2, 1)``, and ``z_i^2 = a_i * b_i`` with ``a_i ~ Gamma(1/2, 1)``,
     ``b_i ~ InverseGamma(1/2, 1)``. Sites: ``"<name>.global_a"``, ``"<name>.global_b"`` (scalars),
     ``"<name>.local_a"``, ``"<name>.local_b"`` (one per group). The group scale it returns is

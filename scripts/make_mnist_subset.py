@@ -1,5 +1,5 @@
 """
-Build the MNIST subset shipped in ``pyro_bc/data_files/``.
+Build the MNIST subset shipped in ``pyro_bc/datasets/data_files/``.
 
 The subset is class-balanced, not proportional to class frequencies: exactly
 ``--train-per-class`` training images (default 1,000, so 10,000 in all) and
@@ -12,13 +12,13 @@ comparable and keep the smallest class (5) as well represented as the others.
 Output, no pickle: the four subset files in the standard gzipped IDX format
 (level 9, zero timestamp, so the bytes depend only on the data) plus
 ``mnist-subset.json``, a manifest with the SHA-256 of each file's uncompressed
-contents, the seed and the per-class counts. ``pyro_bc.data.load_mnist_subset``
+contents, the seed and the per-class counts. ``pyro_bc.datasets.load_mnist_subset``
 reads the files with the same IDX reader and checks them against the manifest.
 Every file is written atomically.
 
 Usage::
 
-    python scripts/make_mnist_subset.py [MNIST_DIR] [--seed 0] [--out pyro_bc/data_files]
+    python scripts/make_mnist_subset.py [MNIST_DIR] [--seed 0] [--out pyro_bc/datasets/data_files]
 
 ``MNIST_DIR`` defaults to ``../shared/data/mnist`` next to the repository root.
 The source files are checked against the standard MNIST checksums first.
@@ -30,7 +30,6 @@ import argparse
 import gzip
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -40,17 +39,12 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing the package
 
-from pyro_bc.data import (  # noqa: E402
-    MNIST_SHA256,
-    SUBSET_FILES,
-    SUBSET_MANIFEST,
-    load_mnist,
-    read_idx,
-    write_idx,
-)
+from pyro_bc.datasets import load_mnist, read_idx, write_idx  # noqa: E402
+from pyro_bc.datasets.mnist import MNIST_SHA256, SUBSET_FILES, SUBSET_MANIFEST  # noqa: E402
+from pyro_bc.files import write_atomically  # noqa: E402
 
 DEFAULT_SOURCE = REPO_ROOT.parent / "shared" / "data" / "mnist"
-DEFAULT_OUT = REPO_ROOT / "pyro_bc" / "data_files"
+DEFAULT_OUT = REPO_ROOT / "pyro_bc" / "datasets" / "data_files"
 NUM_CLASSES = 10
 
 
@@ -104,10 +98,8 @@ def build_subset(source: Path, out: Path, seed: int, train_per_class: int, test_
         "test_per_class": test_per_class,
         "files": files,
     }
-    manifest_path = out / SUBSET_MANIFEST
-    tmp = manifest_path.with_name(f".{manifest_path.name}.{os.getpid()}.part")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, manifest_path)
+    manifest_json = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    write_atomically(out / SUBSET_MANIFEST, manifest_json.encode())
     return files
 
 

@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import pyro_bc
 from pyro_bc import CheckpointError, TrainingDivergedError
-from pyro_bc.data import load_mnist_subset
+from pyro_bc.datasets import load_mnist_subset
 from pyro_bc.infer import linear_decay
 from pyro_bc.models import LeNet300100
 

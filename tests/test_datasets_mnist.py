@@ -1,11 +1,17 @@
 import gzip
+import hashlib
+import json
 import os
+import tracemalloc
 from pathlib import Path
 
 import pytest
 import torch
 
-from pyro_bc import data
+from pyro_bc import cli, datasets
+from pyro_bc.datasets import mnist as mnist_files
+from pyro_bc.datasets import storage
+from pyro_bc.datasets.storage import STAMP_NAME, DataFileError
 
 FULL_MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/mnist"
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -30,7 +36,7 @@ def write_tiny_mnist(directory: Path, n_train=20, n_test=10) -> dict[str, bytes]
         labels = torch.arange(n, dtype=torch.uint8) % 10
         for kind, tensor in (("images-idx3", images), ("labels-idx1", labels)):
             name = f"{split}-{kind}-ubyte"
-            data.write_idx(directory / (name + ".gz"), tensor)
+            datasets.write_idx(directory / (name + ".gz"), tensor)
             contents[name] = gzip.decompress((directory / (name + ".gz")).read_bytes())
     return contents
 
@@ -40,14 +46,14 @@ def tiny_checksums(monkeypatch, tmp_path):
     """Synthetic files in a 'mirror' directory, with their checksums patched in as standard."""
     mirror = tmp_path / "mirror"
     for name, raw in write_tiny_mnist(mirror).items():
-        monkeypatch.setitem(data.MNIST_SHA256, name, data._sha256(raw))
+        monkeypatch.setitem(mnist_files.MNIST_SHA256, name, hashlib.sha256(raw).hexdigest())
     return mirror
 
 
 @pytest.fixture(autouse=True)
 def isolated_data_dirs(monkeypatch, tmp_path):
     # Keep tests away from the user's real cache and PYRO_BC_DATA.
-    monkeypatch.delenv(data.DATA_ENV_VAR, raising=False)
+    monkeypatch.delenv(datasets.DATA_ENV_VAR, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
 
 
@@ -55,12 +61,12 @@ def isolated_data_dirs(monkeypatch, tmp_path):
 def full_mnist():
     if not FULL_MNIST_DIR.is_dir():
         pytest.skip(f"full MNIST not found at {FULL_MNIST_DIR}")
-    return data.load_mnist(FULL_MNIST_DIR, normalize=None)
+    return datasets.load_mnist(FULL_MNIST_DIR, normalize=None)
 
 
 @pytest.fixture(scope="module")
 def subset():
-    return data.load_mnist_subset(normalize=None)
+    return datasets.load_mnist_subset(normalize=None)
 
 
 # ----------------------------------------------------------------------------
@@ -91,7 +97,7 @@ def test_subset_classes_are_interleaved(subset):
     [("symmetric", -1.0, 1.0), ("unit", 0.0, 1.0), (None, 0.0, 255.0), ("none", 0.0, 255.0)],
 )
 def test_subset_normalization(subset, normalize, low, high):
-    mnist = data.load_mnist_subset(normalize=normalize)
+    mnist = datasets.load_mnist_subset(normalize=normalize)
     assert mnist.train_x.min() == low and mnist.train_x.max() == high
     assert mnist.test_x.min() == low and mnist.test_x.max() == high
     expected = subset.train_x / 255.0 * (high - low) + low
@@ -99,14 +105,14 @@ def test_subset_normalization(subset, normalize, low, high):
 
 
 def test_default_normalization_is_symmetric(subset):
-    mnist = data.load("subset")
+    mnist = datasets.load_mnist("subset")
     assert mnist.train_x.min() == -1.0 and mnist.train_x.max() == 1.0
     torch.testing.assert_close(mnist.train_x, subset.train_x / 127.5 - 1)
 
 
 def test_bad_normalize_is_rejected():
     with pytest.raises(ValueError, match="normalize"):
-        data.load_mnist_subset(normalize="zscore")
+        datasets.load_mnist_subset(normalize="zscore")
 
 
 def test_subset_is_a_subset_of_mnist(subset, full_mnist):
@@ -124,15 +130,15 @@ def test_subset_is_a_subset_of_mnist(subset, full_mnist):
 
 
 def test_damaged_subset_fails_checksum(tmp_path, monkeypatch):
-    for source in data._subset_dir().iterdir():
+    for source in mnist_files._subset_dir().iterdir():
         (tmp_path / source.name).write_bytes(source.read_bytes())
-    name = data.SUBSET_FILES["test_y"]
-    damaged = data.read_idx(tmp_path / name)
+    name = mnist_files.SUBSET_FILES["test_y"]
+    damaged = datasets.read_idx(tmp_path / name)
     damaged[0] = (damaged[0] + 1) % 10  # still a valid IDX file, just not the shipped one
-    data.write_idx(tmp_path / name, damaged)
-    monkeypatch.setattr(data, "_subset_dir", lambda: tmp_path)
-    with pytest.raises(data.MNISTFileError, match=name):
-        data.load_mnist_subset()
+    datasets.write_idx(tmp_path / name, damaged)
+    monkeypatch.setattr(mnist_files, "_subset_dir", lambda: tmp_path)
+    with pytest.raises(DataFileError, match=name):
+        datasets.load_mnist_subset()
 
 
 # ----------------------------------------------------------------------------
@@ -148,9 +154,9 @@ def test_full_mnist_sizes_and_class_counts(full_mnist):
 
 
 def test_full_mnist_files_match_standard_checksums(full_mnist):
-    for name, digest in data.MNIST_SHA256.items():
+    for name, digest in mnist_files.MNIST_SHA256.items():
         path = FULL_MNIST_DIR / (name + ".gz")
-        assert data._sha256(gzip.decompress(path.read_bytes())) == digest
+        assert hashlib.sha256(gzip.decompress(path.read_bytes())).hexdigest() == digest
 
 
 def test_read_idx_reads_plain_and_gzip_alike(tmp_path):
@@ -161,27 +167,27 @@ def test_read_idx_reads_plain_and_gzip_alike(tmp_path):
     (tmp_path / "plain.gz").write_bytes(raw)
     expected = torch.tensor(list(raw[16:]), dtype=torch.uint8).reshape(3, 28, 28)
     for name in ("plain", "zipped.idx", "plain.gz"):
-        assert torch.equal(data.read_idx(tmp_path / name), expected)
+        assert torch.equal(datasets.read_idx(tmp_path / name), expected)
 
 
 def test_write_idx_round_trip(tmp_path):
     labels = torch.tensor([3, 1, 4, 1, 5], dtype=torch.uint8)
     for compress in (True, False):
         path = tmp_path / f"labels-{compress}"
-        data.write_idx(path, labels, compress=compress)
-        assert torch.equal(data.read_idx(path), labels)
+        datasets.write_idx(path, labels, compress=compress)
+        assert torch.equal(datasets.read_idx(path), labels)
     assert not list(tmp_path.glob(".*.part"))
 
 
 def test_read_idx_empty_file(tmp_path):
     (tmp_path / "empty").write_bytes(idx_bytes(0x00000803, (0, 28, 28)))
-    assert data.read_idx(tmp_path / "empty").shape == (0, 28, 28)
+    assert datasets.read_idx(tmp_path / "empty").shape == (0, 28, 28)
 
 
 def test_uncompressed_files_are_accepted(tmp_path):
     for name, raw in write_tiny_mnist(tmp_path / "gz").items():
         (tmp_path / name).write_bytes(raw)
-    mnist = data.load_mnist(tmp_path)
+    mnist = datasets.load_mnist(tmp_path, verify=False)
     assert mnist.train_x.shape == (20, 1, 28, 28) and mnist.test_y.shape == (10,)
 
 
@@ -209,8 +215,8 @@ def test_malformed_idx_raises_naming_file(tmp_path, content, message):
         (tmp_path / "bad.gz", gzip.compress(content)),
     ):
         path.write_bytes(payload)
-        with pytest.raises(data.MNISTFileError, match=message) as info:
-            data.read_idx(path)
+        with pytest.raises(DataFileError, match=message) as info:
+            datasets.read_idx(path)
         assert str(path) in str(info.value)
         assert isinstance(info.value, ValueError)
 
@@ -225,7 +231,7 @@ def test_corrupt_gzip_raises_naming_file(tmp_path, damage):
     path = tmp_path / "images-idx3-ubyte.gz"
     path.write_bytes(bytes(zipped))
     with pytest.raises(ValueError, match="gzip") as info:
-        data.read_idx(path)
+        datasets.read_idx(path)
     assert str(path) in str(info.value)
 
 
@@ -238,16 +244,17 @@ def test_swapped_files_are_reported(tmp_path):
     images.rename(tmp_path / "swap")
     labels.rename(images)
     (tmp_path / "swap").rename(labels)
-    with pytest.raises(data.MNISTFileError, match="swapped"):
-        data.load_mnist(tmp_path)
+    with pytest.raises(DataFileError, match="swapped"):
+        datasets.load_mnist(tmp_path, verify=False)
 
 
 def test_verify_catches_non_standard_local_file(tmp_path):
     write_tiny_mnist(tmp_path)
-    data.load_mnist(tmp_path)  # no verification by default
-    with pytest.raises(data.MNISTFileError, match="checksum") as info:
-        data.load_mnist(tmp_path, verify=True)
-    assert str(tmp_path) in str(info.value)
+    datasets.load_mnist(tmp_path, verify=False)  # modified files on purpose
+    with pytest.raises(DataFileError, match="checksum mismatch") as info:
+        datasets.load_mnist(tmp_path)  # verified by default
+    assert str(tmp_path / "train-images-idx3-ubyte.gz") in str(info.value)
+    assert "verify=False" in str(info.value)
 
 
 # ----------------------------------------------------------------------------
@@ -256,9 +263,9 @@ def test_verify_catches_non_standard_local_file(tmp_path):
 
 def test_missing_files_error_says_where_and_how(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
-        data.load_mnist(tmp_path / "nowhere")
+        datasets.load_mnist(tmp_path / "nowhere")
     message = str(info.value)
-    for hint in (str(tmp_path / "nowhere"), "root=", data.DATA_ENV_VAR, "download=True"):
+    for hint in (str(tmp_path / "nowhere"), "DIR", datasets.DATA_ENV_VAR, "download=True"):
         assert hint in message
 
 
@@ -269,36 +276,38 @@ def test_lookup_order_root_then_env_then_cache(tmp_path, monkeypatch):
     write_tiny_mnist(env_dir, n_train=20)
     write_tiny_mnist(root_dir, n_train=30)
 
-    assert data.default_data_dir() == cache
-    assert len(data.load_mnist().train_y) == 10
-    monkeypatch.setenv(data.DATA_ENV_VAR, str(env_dir))
-    assert data.default_data_dir() == env_dir
-    assert len(data.load_mnist().train_y) == 20
-    assert len(data.load("mnist").train_y) == 20
-    assert len(data.load_mnist(root_dir).train_y) == 30
-    assert len(data.load(str(root_dir)).train_y) == 30
+    assert datasets.default_mnist_dir() == cache
+    assert len(datasets.load_mnist(verify=False).train_y) == 10
+    monkeypatch.setenv(datasets.DATA_ENV_VAR, str(env_dir))
+    assert datasets.default_mnist_dir() == env_dir
+    assert len(datasets.load_mnist(verify=False).train_y) == 20
+    assert len(datasets.load_mnist("mnist", verify=False).train_y) == 20
+    assert len(datasets.load_mnist(root_dir, verify=False).train_y) == 30
+    assert len(datasets.load_mnist(str(root_dir), verify=False).train_y) == 30
 
 
 def test_cache_dir_without_xdg(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert data.default_data_dir() == tmp_path / ".cache" / "pyro_bc" / "mnist"
+    assert datasets.default_mnist_dir() == tmp_path / ".cache" / "pyro_bc" / "mnist"
 
 
 def test_download_verifies_and_moves_into_place(tiny_checksums, tmp_path, monkeypatch):
     dead_mirror = (tmp_path / "dead").as_uri() + "/"
     good_mirror = tiny_checksums.as_uri() + "/"
-    monkeypatch.setattr(data, "MNIST_MIRRORS", (dead_mirror, good_mirror))
+    monkeypatch.setattr(mnist_files, "MNIST_MIRRORS", (dead_mirror, good_mirror))
 
     with pytest.raises(FileNotFoundError):
-        data.load_mnist()
-    mnist = data.load_mnist(download=True)
-    cache = data.default_data_dir()
-    assert sorted(os.listdir(cache)) == sorted(n + ".gz" for n in data.MNIST_SHA256)
-    for name in os.listdir(cache):
+        datasets.load_mnist()
+    mnist = datasets.load_mnist(download=True)
+    cache = datasets.default_mnist_dir()
+    # the four files and the stamp that remembers their verified checksums
+    names = sorted(n + ".gz" for n in mnist_files.MNIST_SHA256)
+    assert sorted(os.listdir(cache)) == sorted([*names, STAMP_NAME])
+    for name in names:
         assert (cache / name).read_bytes() == (tiny_checksums / name).read_bytes()
     assert mnist.train_x.shape == (20, 1, 28, 28)
-    assert data.load_mnist(verify=True).test_y.tolist() == mnist.test_y.tolist()
+    assert datasets.load_mnist(verify=True).test_y.tolist() == mnist.test_y.tolist()
 
 
 def test_download_fetches_only_missing_files(tiny_checksums, tmp_path):
@@ -306,16 +315,16 @@ def test_download_fetches_only_missing_files(tiny_checksums, tmp_path):
     root.mkdir()
     kept = "train-images-idx3-ubyte.gz"
     (root / kept).write_bytes(b"left alone")
-    data.download_mnist(root, mirrors=(tiny_checksums.as_uri() + "/",))
+    datasets.download_mnist(root, mirrors=(tiny_checksums.as_uri() + "/",))
     assert (root / kept).read_bytes() == b"left alone"
     assert len(list(root.iterdir())) == 4
 
 
 def test_checksum_mismatch_leaves_nothing_behind(tiny_checksums, tmp_path, monkeypatch):
-    monkeypatch.setitem(data.MNIST_SHA256, "t10k-labels-idx1-ubyte", "0" * 64)
+    monkeypatch.setitem(mnist_files.MNIST_SHA256, "t10k-labels-idx1-ubyte", "0" * 64)
     root = tmp_path / "target"
-    with pytest.raises(data.MNISTDownloadError, match="checksum mismatch") as info:
-        data.download_mnist(root, mirrors=(tiny_checksums.as_uri() + "/",))
+    with pytest.raises(datasets.DataDownloadError, match="checksum mismatch") as info:
+        datasets.download_mnist(root, mirrors=(tiny_checksums.as_uri() + "/",))
     assert "t10k-labels-idx1-ubyte.gz" in str(info.value)
     assert not (root / "t10k-labels-idx1-ubyte.gz").exists()
     assert not list(root.glob(".*"))  # no temporary files either
@@ -323,33 +332,124 @@ def test_checksum_mismatch_leaves_nothing_behind(tiny_checksums, tmp_path, monke
 
 def test_unreachable_mirrors_report_every_url(tmp_path):
     mirrors = ((tmp_path / "a").as_uri() + "/", (tmp_path / "b").as_uri() + "/")
-    with pytest.raises(data.MNISTDownloadError) as info:
-        data.download_mnist(tmp_path / "target", mirrors=mirrors)
+    with pytest.raises(datasets.DataDownloadError) as info:
+        datasets.download_mnist(tmp_path / "target", mirrors=mirrors)
     assert all(m in str(info.value) for m in mirrors)
     assert not list((tmp_path / "target").iterdir())
 
 
 # ----------------------------------------------------------------------------
-# Loaders
+# Hardening: decompression bombs, remembered checksums, conflicting copies, bad contents
 
 
-def test_loaders_batch_shapes(subset):
-    train_loader, test_loader = data.mnist_loaders(subset, batch_size=64, test_batch_size=500)
-    x, y = next(iter(train_loader))
-    assert x.shape == (64, 1, 28, 28) and x.dtype == torch.float32
-    assert y.shape == (64,) and y.dtype == torch.int64
-    assert len(train_loader) == 157  # ceil(10000 / 64)
-    test_batches = list(test_loader)
-    assert [len(b[1]) for b in test_batches] == [500] * 4
-    assert torch.equal(torch.cat([b[1] for b in test_batches]), subset.test_y)
+def gzip_bomb(header: bytes, inflated_bytes: int) -> bytes:
+    """A valid multi-member gzip file: ``header`` then ``inflated_bytes`` zeros, ~1000:1."""
+    chunk = 16 << 20
+    member = gzip.compress(bytes(chunk), compresslevel=9, mtime=0)
+    return gzip.compress(header, mtime=0) + member * (inflated_bytes // chunk)
 
 
-def test_loaders_shuffle_reproducibly(subset):
-    def first_labels(seed):
-        loader, _ = data.mnist_loaders(subset, generator=torch.Generator().manual_seed(seed))
-        return next(iter(loader))[1]
+def test_gzip_bomb_fails_fast_with_bounded_memory(tmp_path):
+    write_tiny_mnist(tmp_path)
+    bomb = tmp_path / "train-images-idx3-ubyte.gz"
+    # A plausible header (60,000 images of 28x28), then 2 GiB where 47 MB belong.
+    bomb.write_bytes(gzip_bomb(idx_bytes(0x00000803, (60000, 28, 28), payload=b""), 2 << 30))
+    assert bomb.stat().st_size < 4_000_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataFileError, match="more than 47,040,016 bytes") as info:
+            datasets.load_mnist(tmp_path, verify=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert str(bomb) in str(info.value)
+    assert peak < 150 * 2**20  # about two copies of the 47 MB cap, not 2 GiB
 
-    assert torch.equal(first_labels(1), first_labels(1))
-    assert not torch.equal(first_labels(1), first_labels(2))
-    unshuffled, _ = data.mnist_loaders(subset, shuffle=False)
-    assert torch.equal(next(iter(unshuffled))[1], subset.train_y[:128])
+
+def test_read_idx_cap(tmp_path):
+    path = tmp_path / "labels-idx1-ubyte.gz"
+    datasets.write_idx(path, torch.arange(10, dtype=torch.uint8))
+    assert len(datasets.read_idx(path, max_bytes=18)) == 10  # 8 header bytes + 10 labels
+    with pytest.raises(DataFileError, match="more than 17 bytes") as info:
+        datasets.read_idx(path, max_bytes=17)
+    assert str(path) in str(info.value)
+
+
+def test_checksums_are_computed_once_and_remembered(tiny_checksums, monkeypatch):
+    datasets.load_mnist(tiny_checksums)  # hashes every file and writes the stamp
+    stamp = json.loads((tiny_checksums / STAMP_NAME).read_text())
+    assert sorted(stamp) == sorted(n + ".gz" for n in mnist_files.MNIST_SHA256)
+    for name, entry in stamp.items():
+        assert entry["sha256"] == mnist_files.MNIST_SHA256[name.removesuffix(".gz")]
+        assert entry["size"] == (tiny_checksums / name).stat().st_size
+    assert not list(tiny_checksums.glob(".*.tmp"))  # written atomically
+
+    def no_hashing(*args):
+        raise AssertionError("hashed a file whose verdict is remembered")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(storage.hashlib, "sha256", no_hashing)
+        datasets.load_mnist(tiny_checksums)
+
+    # A changed file (new size and modification time) is hashed again and caught.
+    labels = tiny_checksums / "t10k-labels-idx1-ubyte.gz"
+    datasets.write_idx(labels, torch.arange(9, dtype=torch.uint8))
+    with pytest.raises(DataFileError, match="checksum mismatch") as info:
+        datasets.load_mnist(tiny_checksums)
+    assert str(labels) in str(info.value)
+
+
+def test_read_only_data_folder_still_loads(tiny_checksums, monkeypatch):
+    def read_only(*args):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(storage, "write_atomically", read_only)
+    assert len(datasets.load_mnist(tiny_checksums).train_y) == 20  # verified, just not stamped
+    assert not (tiny_checksums / STAMP_NAME).exists()
+
+
+def test_damaged_stamp_is_ignored(tiny_checksums):
+    (tiny_checksums / STAMP_NAME).write_text("{not json")
+    assert len(datasets.load_mnist(tiny_checksums).train_y) == 20
+    assert json.loads((tiny_checksums / STAMP_NAME).read_text())  # rewritten
+
+
+def test_cli_data_path_verifies_and_remembers(tiny_checksums, tmp_path):
+    assert len(cli._load_data(str(tiny_checksums)).train_y) == 20
+    assert (tiny_checksums / STAMP_NAME).is_file()
+    write_tiny_mnist(tmp_path / "other", n_train=30)  # not the (patched) standard files
+    with pytest.raises(cli.CommandError, match="checksum mismatch"):
+        cli._load_data(str(tmp_path / "other"))
+
+
+def test_gz_and_plain_copies_must_agree(tiny_checksums):
+    name = "train-labels-idx1-ubyte"
+    raw = gzip.decompress((tiny_checksums / (name + ".gz")).read_bytes())
+    (tiny_checksums / name).write_bytes(raw)
+    assert len(datasets.load_mnist(tiny_checksums).train_y) == 20  # identical copies are fine
+
+    (tiny_checksums / name).write_bytes(raw[:-1] + bytes([(raw[-1] + 1) % 10]))
+    for verify in (True, False):
+        with pytest.raises(DataFileError, match="different contents") as info:
+            datasets.load_mnist(tiny_checksums, verify=verify)
+        assert str(tiny_checksums / name) in str(info.value)
+        assert str(tiny_checksums / (name + ".gz")) in str(info.value)
+
+
+def test_empty_split_is_refused(tmp_path):
+    write_tiny_mnist(tmp_path, n_test=0)
+    with pytest.raises(DataFileError, match="test split is empty") as info:
+        datasets.load_mnist(tmp_path, verify=False)
+    assert str(tmp_path / "t10k-images-idx3-ubyte.gz") in str(info.value)
+    assert str(tmp_path / "t10k-labels-idx1-ubyte.gz") in str(info.value)
+
+
+def test_labels_out_of_range_are_refused(tmp_path):
+    write_tiny_mnist(tmp_path)
+    labels = tmp_path / "train-labels-idx1-ubyte.gz"
+    bad = datasets.read_idx(labels)
+    bad[7] = 10
+    datasets.write_idx(labels, bad)
+    with pytest.raises(DataFileError, match="label 10 at index 7") as info:
+        datasets.load_mnist(tmp_path, verify=False)
+    assert str(labels) in str(info.value)
