@@ -699,3 +699,63 @@ def reliability_diagram(results, *, num_bins: int = DEFAULT_BINS, path=None) -> 
     bottom.grid(alpha=0.3)
     _save(fig, path)
     return fig
+
+
+def tradeoff(curves: dict, *, paper=None, chosen=None, title=None, path=None) -> Figure:
+    """Test error against compression rate, after pruning and after precision: two panels.
+
+    ``curves`` maps a label to a list of points, each a dict with ``pruning_rate``,
+    ``precision_rate`` and ``test_error`` (a fraction), e.g. one point per error budget or per
+    threshold. ``paper`` (same keys; ``precision_rate`` may be None) is drawn as a star,
+    ``chosen`` circled.
+
+    Example::
+
+        points = [pyro_bc.compress(guide, thresholds=t).report.to_dict() for t in (-3, -1, 1)]
+        fig = plots.tradeoff({"one threshold": points}, chosen=points[0])
+    """
+    fig = Figure(figsize=(9.0, 3.6), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, key, name in zip(
+        axes, ("pruning_rate", "precision_rate"), ("after pruning", "after precision"), strict=True
+    ):
+        for label, points in curves.items():
+            points = sorted(points, key=lambda p: p[key])
+            ax.plot(
+                [p[key] for p in points],
+                [100 * p["test_error"] for p in points],
+                "o-",
+                markersize=4,
+                label=label,
+            )
+        if paper is not None and paper.get(key) is not None:
+            ax.plot(
+                [paper[key]],
+                [100 * paper["test_error"]],
+                marker="*",
+                markersize=14,
+                color="tab:red",
+                linestyle="none",
+                label="paper",
+            )
+        if chosen is not None:
+            ax.plot(
+                [chosen[key]],
+                [100 * chosen["test_error"]],
+                marker="o",
+                markersize=14,
+                markerfacecolor="none",
+                markeredgecolor="black",
+                linestyle="none",
+                label="chosen (validation)",
+            )
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel(f"compression rate {name} (x)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("test error (%)")
+    axes[1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+    return fig

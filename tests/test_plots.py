@@ -230,3 +230,27 @@ def test_figures_are_not_registered_with_pyplot():
     plots.pruning_histograms(guide)
     plots.weight_matrices(guide)
     assert plt.get_fignums() == before
+
+
+def test_tradeoff_draws_every_point_the_paper_and_the_choice(tmp_path):
+    budget = [
+        {"pruning_rate": 8.0, "precision_rate": 30.0, "test_error": 0.017},
+        {"pruning_rate": 12.0, "precision_rate": 50.0, "test_error": 0.019},
+    ]
+    threshold = [{"pruning_rate": r, "precision_rate": 4 * r, "test_error": 0.02} for r in (2, 5)]
+    paper = {"pruning_rate": 9.3, "precision_rate": None, "test_error": 0.018}
+    fig = plots.tradeoff(
+        {"budget": budget, "threshold": threshold},
+        paper=paper,
+        chosen=budget[1],
+        path=tmp_path / "tradeoff.png",
+    )
+    assert (tmp_path / "tradeoff.png").stat().st_size > 0
+    pruning, precision = fig.axes
+    lines = {line.get_label(): line for line in pruning.get_lines()}
+    assert list(lines["budget"].get_xdata()) == [8.0, 12.0]
+    assert list(lines["budget"].get_ydata()) == pytest.approx([1.7, 1.9])
+    assert lines["paper"].get_xdata()[0] == 9.3
+    assert lines["chosen (validation)"].get_xdata()[0] == 12.0
+    # the paper gives no rate after precision here: no star on that panel
+    assert "paper" not in {line.get_label() for line in precision.get_lines()}
