@@ -24,7 +24,6 @@ from pyro.poutine.messenger import Messenger
 
 from .distributions import normal_moments
 from .nn import WEIGHT_ROLE
-from .priors import draw_group_scale
 
 
 class _PosteriorRecorder(Messenger):
@@ -71,9 +70,7 @@ class LocalReparameterizationMessenger(_PosteriorRecorder):
     def _pyro_preactivation(self, msg):
         layer, x = msg["args"][:2]
         weight_loc, weight_var, bias_loc, bias_var = self._layer_posterior(layer)
-        z = draw_group_scale(
-            layer.prior, layer.site(), layer.num_groups, self.posteriors, x.shape[0]
-        )
+        z = layer.prior.draw_scale(layer.site(), layer.num_groups, self.posteriors, x.shape[0])
         mean, var = layer.moments(x, z, weight_loc, weight_var, bias_loc, bias_var)
         # clamp keeps the square root's gradient finite where the variance is exactly zero
         msg["value"] = mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
