@@ -25,6 +25,10 @@ from .priors import GroupNormalJeffreys, as_prior
 #: the role a guide marks its weight and bias sites with (``infer={"bc_role": ...}``): layers
 #: compute their outputs from these sites' distributions under :mod:`pyro_bc.poutine`
 WEIGHT_ROLE = "weight"
+#: the role of group-scale sites whose KL has a closed form: under :mod:`pyro_bc.poutine` layers
+#: draw their scales from these sites' distributions and the ELBO needs no value, so the guide
+#: puts the placeholder ``infer["bc_placeholder"]`` there instead of a draw
+SCALE_ROLE = "scale"
 
 
 class BayesianLayer(PyroModule):
@@ -45,6 +49,7 @@ class BayesianLayer(PyroModule):
         self.has_bias = bias
         # follows the layer's device and dtype, for the prior of theta
         self.register_buffer("_zero", torch.zeros(()), persistent=False)
+        self._theta_priors = {}
 
     @property
     def bias_shape(self) -> torch.Size:
@@ -68,7 +73,13 @@ class BayesianLayer(PyroModule):
         return preactivation(self, x, z, weight, bias)
 
     def _standard_normal(self, shape):
-        return StandardNormal(shape, like=self._zero).to_event(len(shape))
+        # The prior of theta never changes: built once per shape, dtype and device, not per step.
+        key = (shape, self._zero.dtype, self._zero.device)
+        prior = self._theta_priors.get(key)
+        if prior is None:
+            prior = StandardNormal(shape, like=self._zero).to_event(len(shape))
+            self._theta_priors[key] = prior
+        return prior
 
     def apply(self, x, z, weight, bias):
         """The layer's output for group scale ``z`` (``(G,)`` or per example ``(B, G)``)."""

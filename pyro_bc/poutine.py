@@ -23,7 +23,7 @@ import torch
 from pyro.poutine.messenger import Messenger
 
 from .distributions import normal_moments
-from .nn import WEIGHT_ROLE
+from .nn import SCALE_ROLE, WEIGHT_ROLE
 
 
 class _PosteriorRecorder(Messenger):
@@ -37,9 +37,13 @@ class _PosteriorRecorder(Messenger):
         if msg["done"] or msg["is_observed"] or msg["value"] is not None:
             return
         self.posteriors[msg["name"]] = msg["fn"]
-        if msg["infer"].get("bc_role") == WEIGHT_ROLE:
-            # Layers compute their outputs from this distribution, so a draw would be wasted.
+        role = msg["infer"].get("bc_role")
+        # Layers compute their outputs from these distributions, so a draw would be wasted.
+        if role == WEIGHT_ROLE:
             msg["value"] = msg["fn"].mean
+            msg["done"] = True
+        elif role == SCALE_ROLE:
+            msg["value"] = msg["infer"]["bc_placeholder"]
             msg["done"] = True
 
     def _layer_posterior(self, layer):

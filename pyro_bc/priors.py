@@ -155,6 +155,14 @@ class GroupPrior:
         mean, var = self.scale_moments(name, num_groups, posteriors)
         return var.log() - mean.pow(2).log()
 
+    def _built(self, key, build):
+        """``build()``, called once per ``key``: a prior's distributions are the same at every
+        step, and building them costs as much as the rest of its model."""
+        built = self.__dict__.setdefault("_distributions", {})
+        if key not in built:
+            built[key] = build()
+        return built[key]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -199,7 +207,10 @@ class GroupNormalJeffreys(GroupPrior):
     """
 
     def __call__(self, name, num_groups):
-        return pyro.sample(f"{name}.scale", ImproperLogUniform().expand([num_groups]).to_event(1))
+        prior = self._built(
+            num_groups, lambda: ImproperLogUniform().expand([num_groups]).to_event(1)
+        )
+        return pyro.sample(f"{name}.scale", prior)
 
     def guide_init(self, site, shape):
         return {
@@ -254,15 +265,24 @@ class GroupHorseshoe(GroupPrior):
         self.tau0 = tau0
 
     def __call__(self, name, num_groups):
-        half = torch.tensor(0.5)
-        s_a = pyro.sample(f"{name}.global_a", dist.Gamma(half, torch.tensor(self.tau0**-2)))
-        s_b = pyro.sample(f"{name}.global_b", dist.InverseGamma(half, torch.tensor(1.0)))
-        local = torch.full((num_groups,), 0.5)
-        a = pyro.sample(f"{name}.local_a", dist.Gamma(local, torch.ones(num_groups)).to_event(1))
-        b = pyro.sample(
-            f"{name}.local_b", dist.InverseGamma(local, torch.ones(num_groups)).to_event(1)
+        global_a, global_b, local_a, local_b = self._built(
+            (num_groups, self.tau0), lambda: self._factor_priors(num_groups)
         )
+        s_a = pyro.sample(f"{name}.global_a", global_a)
+        s_b = pyro.sample(f"{name}.global_b", global_b)
+        a = pyro.sample(f"{name}.local_a", local_a)
+        b = pyro.sample(f"{name}.local_b", local_b)
         return (s_a * s_b * a * b).sqrt()
+
+    def _factor_priors(self, num_groups):
+        half = torch.tensor(0.5)
+        local = torch.full((num_groups,), 0.5)
+        return (
+            dist.Gamma(half, torch.tensor(self.tau0**-2)),
+            dist.InverseGamma(half, torch.tensor(1.0)),
+            dist.Gamma(local, torch.ones(num_groups)).to_event(1),
+            dist.InverseGamma(local, torch.ones(num_groups)).to_event(1),
+        )
 
     def guide_init(self, site, shape):
         log_tau0_sq = 2 * math.log(self.tau0)
@@ -349,10 +369,14 @@ class RegularizedHorseshoe(GroupHorseshoe):
 
     def __call__(self, name, num_groups):
         horseshoe = super().__call__(name, num_groups)
-        shape = torch.tensor(self.slab_df / 2)
-        c2 = pyro.sample(f"{name}.slab", dist.InverseGamma(shape, shape * self.slab_scale**2))
+        slab = self._built(("slab", self.slab_df, self.slab_scale), self._slab_prior)
+        c2 = pyro.sample(f"{name}.slab", slab)
         h2 = horseshoe.pow(2)
         return (c2 * h2 / (c2 + h2)).sqrt()
+
+    def _slab_prior(self):
+        shape = torch.tensor(self.slab_df / 2)
+        return dist.InverseGamma(shape, shape * self.slab_scale**2)
 
     def guide_init(self, site, shape):
         if site.endswith(".slab"):
