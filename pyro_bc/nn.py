@@ -73,13 +73,16 @@ class BayesianLayer(PyroModule):
         return preactivation(self, x, z, weight, bias)
 
     def _standard_normal(self, shape):
-        # The prior of theta never changes: built once per shape, dtype and device, not per step.
-        key = (shape, self._zero.dtype, self._zero.device)
-        prior = self._theta_priors.get(key)
+        # The prior of theta never changes: built once (and after .to()), not every step.
+        prior = self._theta_priors.get(shape)
         if prior is None:
             prior = StandardNormal(shape, like=self._zero).to_event(len(shape))
-            self._theta_priors[key] = prior
+            self._theta_priors[shape] = prior
         return prior
+
+    def _apply(self, fn, *args, **kwargs):
+        self._theta_priors = {}  # built again on the new device or dtype
+        return super()._apply(fn, *args, **kwargs)
 
     def apply(self, x, z, weight, bias):
         """The layer's output for group scale ``z`` (``(G,)`` or per example ``(B, G)``)."""
