@@ -9,6 +9,10 @@ The same model code runs three ways:
 
 Both handlers record the guide's distribution of every site while the guide runs, and answer the
 layers' ``"preactivation"`` messages (see :data:`pyro_bc.nn.preactivation`) from those records.
+Since the layers compute their outputs from these distributions, the guide's sites that nothing
+else reads are not drawn: weights and biases take their means, and group-scale sites with a
+closed-form KL (:data:`pyro_bc.nn.SCALE_ROLE`) a placeholder of ones. Sites whose KL is Monte
+Carlo are drawn as usual.
 Run the guide and the model inside the same handler, as ``SVI.step`` and :func:`pyro_bc.fit` do.
 
 Example::
@@ -95,8 +99,9 @@ class PosteriorMeanMessenger(_PosteriorRecorder):
 def local_reparameterization(fn=None):
     """Local reparameterization as an effect handler.
 
-    Inside it, the guide's weight sites are not sampled; each Bayesian layer samples its output
-    ``N(mean, var)`` from the guide's distributions instead, drawing the group scale per example.
+    Inside it, the guide's weight sites (and scale sites with a closed-form KL) are not sampled;
+    each Bayesian layer samples its output ``N(mean, var)`` from the guide's distributions
+    instead, drawing the group scale per example (:meth:`pyro_bc.priors.GroupPrior.draw_scale`).
 
     Example::
 
