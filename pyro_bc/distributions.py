@@ -123,7 +123,9 @@ class NormalLogVar(dist.Normal):
     """
 
     def __init__(self, loc, log_var, validate_args=None):
-        self.loc, self.log_var = torch.broadcast_tensors(loc, log_var)
+        if loc.shape != log_var.shape:
+            loc, log_var = torch.broadcast_tensors(loc, log_var)
+        self.loc, self.log_var = loc, log_var
         torch.distributions.Distribution.__init__(self, self.loc.shape, validate_args=validate_args)
 
     @functools.cached_property
@@ -165,10 +167,16 @@ class StandardNormal(dist.Normal):
         )
 
 
+def _expand(kl, p, q):
+    shape = broadcast_shape(p.batch_shape, q.batch_shape)
+    # an expand that changes nothing would still cost an autograd node every step
+    return kl if kl.shape == shape else kl.expand(shape)
+
+
 @register_kl(NormalLogVar, StandardNormal)
 def _kl_normal_log_var_standard_normal(p, q):
     kl = 0.5 * (p.loc.pow(2) + p.variance - 1 - p.log_var)
-    return kl.expand(broadcast_shape(p.batch_shape, q.batch_shape))
+    return _expand(kl, p, q)
 
 
 def unwrap(fn):
@@ -249,10 +257,10 @@ def molchanov_kl(log_alpha):
 def _kl_normal_improper_log_uniform(p, q):
     if isinstance(p, NormalLogVar):
         tiny = torch.finfo(p.loc.dtype).tiny
-        kl = molchanov_kl(p.log_var - 2 * p.loc.abs().clamp_min(tiny).log())
+        kl = molchanov_kl(p.log_var - p.loc.pow(2).clamp_min(tiny).log())
     else:
         kl = molchanov_kl(log_alpha(p.loc, p.scale))
-    return kl.expand(broadcast_shape(p.batch_shape, q.batch_shape))
+    return _expand(kl, p, q)
 
 
 def _half_log_2pi_v(s):

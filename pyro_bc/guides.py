@@ -16,10 +16,10 @@ import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from torch import nn
-from torch.distributions import biject_to, constraints
+from torch.distributions import biject_to, constraints, kl_divergence
 
 from .distributions import NormalLogVar
-from .nn import WEIGHT_ROLE, BayesianLayer
+from .nn import SCALE_ROLE, WEIGHT_ROLE, BayesianLayer
 from .priors import on_device
 
 
@@ -29,6 +29,7 @@ class _SiteShapes(Messenger):
     def __init__(self):
         super().__init__()
         self.sites = []
+        self.distributions = {}
 
     def _pyro_sample(self, msg):
         fn = msg["fn"]
@@ -38,14 +39,28 @@ class _SiteShapes(Messenger):
         msg["done"] = True
         msg["stop"] = True
         self.sites.append((msg["name"], shape, support, fn.event_dim))
+        self.distributions[msg["name"]] = fn
+
+
+def _run_prior(prior, name, num_groups):
+    recorder = _SiteShapes()
+    with poutine.block(), recorder:
+        prior(name, num_groups)
+    return recorder
 
 
 def prior_sites(prior, name, num_groups):
     """Names, shapes, supports and event dims of the sample sites of ``prior(name, num_groups)``."""
-    recorder = _SiteShapes()
-    with poutine.block(), recorder:
-        prior(name, num_groups)
-    return recorder.sites
+    return _run_prior(prior, name, num_groups).sites
+
+
+def _has_closed_form_kl(guide_fn, prior_fn):
+    try:
+        kl_divergence(guide_fn, prior_fn)
+    except Exception:
+        # whatever the KL cannot do, the ELBO estimates by Monte Carlo from a drawn value
+        return False
+    return True
 
 
 class _NormalFactor(nn.Module):
@@ -59,6 +74,15 @@ class _NormalFactor(nn.Module):
         self.max_log_var = max_log_var
         self.loc = nn.Parameter(loc.detach().clone().float())
         self.log_var = nn.Parameter(log_var.detach().clone().float())
+        self.role = None
+        # in the support of both families (real and positive), for sites left undrawn
+        self.register_buffer("_placeholder", torch.ones_like(self.loc), persistent=False)
+
+    def infer(self):
+        """The ``infer`` dict of the factor's sample site."""
+        if self.role is None:
+            return {}
+        return {"bc_role": self.role, "bc_placeholder": self._placeholder}
 
     def distribution(self):
         log_var = self.log_var
@@ -76,9 +100,8 @@ class LayerPosterior(nn.Module):
         super().__init__()
         self.name = layer.site()
         self.scale_factors = nn.ModuleList()
-        for site, shape, support, event_dim in prior_sites(
-            layer.prior, self.name, layer.num_groups
-        ):
+        prior = _run_prior(layer.prior, self.name, layer.num_groups)
+        for site, shape, support, event_dim in prior.sites:
             init = layer.prior.guide_init(site, shape) or {}
             support = _base_support(support)
             if _is_positive(support):
@@ -92,7 +115,10 @@ class LayerPosterior(nn.Module):
                 )
             loc = init.get("loc", default_loc)
             log_var = init.get("log_var", torch.full(shape, -9.0))
-            self.scale_factors.append(_NormalFactor(site, loc, log_var, event_dim, log_normal))
+            factor = _NormalFactor(site, loc, log_var, event_dim, log_normal)
+            if _has_closed_form_kl(factor.distribution(), prior.distributions[site]):
+                factor.role = SCALE_ROLE
+            self.scale_factors.append(factor)
 
         fan_in = math.prod(layer.weight_shape[1:])
         max_log_var = None if clip_var is None else math.log(clip_var)
@@ -119,7 +145,7 @@ class LayerPosterior(nn.Module):
 
     def forward(self):
         for factor in self.scale_factors:
-            pyro.sample(factor.site, factor.distribution())
+            pyro.sample(factor.site, factor.distribution(), infer=factor.infer())
         infer = {"bc_role": WEIGHT_ROLE}
         pyro.sample(self.weight.site, self.weight.distribution(), infer=infer)
         if self.bias is not None:
