@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -90,15 +91,18 @@ def synchronize(device):
 
 
 def time_steps(step, batch, steps, warmup, device):
-    """Milliseconds per step, after ``warmup`` steps (allocator, first-step validation)."""
+    """Milliseconds per step after ``warmup`` steps (allocator, first-step validation): wall
+    clock, and this process's CPU time (which other processes on a loaded machine inflate far
+    less; on CUDA it is the host's share only)."""
     for _ in range(warmup):
         step(*batch)
     synchronize(device)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step(*batch)
     synchronize(device)
-    return 1000 * (time.perf_counter() - started) / steps
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    return 1000 * wall / steps, 1000 * cpu / steps
 
 
 def peak_memory(step, batch, steps, device):
@@ -162,20 +166,25 @@ def print_table(result):
     print(
         f"VGG-16 (width {result['width']}), batch {result['batch_size']}, {result['device']}, "
         f"{result['threads']} thread(s), {result['steps_per_repeat']} steps x "
-        f"{result['repeats']} repeats"
+        f"{result['repeats']} repeats; load average {result['load_average_1min']['before']:.1f} "
+        f"on {result['cpu_count']} CPUs"
     )
-    print(f"{'':>14} {'ms/step (median)':>17}  {'all repeats':<24} peak memory while training")
+    print(
+        f"{'':>14} {'ms/step (median)':>17}  {'all repeats':<22} {'CPU ms/step':>11}  "
+        "peak memory while training"
+    )
     for name, median in medians.items():
         m = memory[name]
         all_ms = ", ".join(f"{t:.0f}" for t in times[name])
         print(
-            f"{name:>14} {median:17.0f}  {all_ms:<24} +{m['training_mib']:.0f} MiB "
+            f"{name:>14} {median:17.0f}  {all_ms:<22} "
+            f"{result['cpu_ms_per_step_median'][name]:11.0f}  +{m['training_mib']:.0f} MiB "
             f"(process peak {m['process_peak_mib']:.0f} MiB)"
         )
     ratios = ", ".join(f"{r:.2f}" for r in result["ratio_bayesian_to_deterministic_per_repeat"])
     print(
         f"bayesian / deterministic: {result['ratio_of_medians']:.2f} (ratio of medians); "
-        f"per repeat {ratios}"
+        f"per repeat {ratios}; of CPU times {result['cpu_time_ratio_of_medians']:.2f}"
     )
     c = result["compress_untrained"]
     print(
@@ -220,21 +229,29 @@ def main(argv=None):
         step = BUILDERS[args.memory_of](device, args.width)
         print(json.dumps(peak_memory(step, batch, args.steps, device)))
         return
+    load_before = os.getloadavg()[0]  # the machine may be shared: say how busy it was
     memory = {name: measure_in_subprocess(name, args) for name in BUILDERS}
     steps = {name: build(device, args.width) for name, build in BUILDERS.items()}
     times = {name: [] for name in BUILDERS}
+    cpu_times = {name: [] for name in BUILDERS}
     for _ in range(args.repeats):  # interleaved, so load changes hit both implementations
         for name, step in steps.items():
-            times[name].append(time_steps(step, batch, args.steps, args.warmup, device))
+            wall, cpu = time_steps(step, batch, args.steps, args.warmup, device)
+            times[name].append(wall)
+            cpu_times[name].append(cpu)
     medians = {name: statistics.median(t) for name, t in times.items()}
+    cpu_medians = {name: statistics.median(t) for name, t in cpu_times.items()}
     ratios = [b / d for b, d in zip(times["bayesian"], times["deterministic"], strict=True)]
     del steps
     compress = time_compress(args.width)
     result = {
         "ms_per_step_median": medians,
         "ms_per_step_all": times,
+        "cpu_ms_per_step_median": cpu_medians,
+        "cpu_ms_per_step_all": cpu_times,
         "ratio_bayesian_to_deterministic_per_repeat": ratios,
         "ratio_of_medians": medians["bayesian"] / medians["deterministic"],
+        "cpu_time_ratio_of_medians": cpu_medians["bayesian"] / cpu_medians["deterministic"],
         "peak_memory_mib": memory,
         "compress_untrained": compress,
         "device": str(device),
@@ -249,6 +266,8 @@ def main(argv=None):
         "warmup_steps": args.warmup,
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),
+        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
+        "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "pyro": pyro.__version__,
         "command": " ".join(["python", "benchmarks/vgg_speed.py", *sys.argv[1:]]),
