@@ -366,7 +366,9 @@ class StructuredGuide(nn.Module):
         With ``rescale=True`` each group's scale starts at the root mean square of the group's
         trained weights (:meth:`GroupPrior.set_guide_scale`), so ``theta``'s means have unit
         root mean square, where its ``N(0, 1)`` prior puts them (with batch norm, the running
-        statistics take up that factor instead of the scale). Otherwise the group scales keep
+        statistics take up that factor instead of the scale); a Normal factor's variance moves
+        with its mean, so the pruning quantity ``log(Var[z] / E[z]^2)`` starts where it would
+        at scale 1. Otherwise the group scales keep
         their initial values (1 for the built-in priors) and ``theta`` carries the trained
         weights' magnitude; the horseshoe then has to move that magnitude into its scales while
         it trains, and prunes groups the data need on the way.
@@ -399,8 +401,7 @@ class StructuredGuide(nn.Module):
             if rescale:
                 group_dims = [d for d in range(weight.dim()) if d != layer.group_dim]
                 rms = weight.detach().pow(2).mean(group_dims).sqrt().clamp(min=1e-6)
-                locs = {f.site: f.loc.data for f in posterior.scale_factors}
-                layer.prior.set_guide_scale(posterior.name, locs, rms)
+                _set_guide_scale(layer.prior, posterior, rms)
             scale_posteriors = {f.site: f.distribution() for f in posterior.scale_factors}
             mean_z, _ = layer.prior.scale_moments(
                 posterior.name, layer.num_groups, scale_posteriors
@@ -413,6 +414,26 @@ class StructuredGuide(nn.Module):
                     bias = bias / mean_z.reshape(-1)
                 posterior.bias.loc.copy_(bias)
         return self
+
+
+def _set_guide_scale(prior, posterior, scale):
+    """The prior's :meth:`~pyro_bc.priors.GroupPrior.set_guide_scale`, keeping the relative
+    spread of every Normal factor it moves.
+
+    A Normal factor's ``log_var`` is absolute: moving its mean from 1 to a trained layer's root
+    mean square weight (say 0.03) with the variance left at ``exp(-9)`` would raise
+    ``log(Var[z] / E[z]^2)`` from -9 to about -2, past the pruning threshold before any training.
+    Log-normal and logit-normal factors are spread in the unconstrained space already.
+    """
+    locs = {f.site: f.loc.data for f in posterior.scale_factors}
+    before = {site: loc.clone() for site, loc in locs.items()}
+    prior.set_guide_scale(posterior.name, locs, scale)
+    for factor in posterior.scale_factors:
+        if factor.family != "normal":
+            continue
+        ratio = (factor.loc.data / before[factor.site]).abs()
+        shift = torch.where(torch.isfinite(ratio.log()), 2 * ratio.log(), 0.0)
+        factor.log_var.data.add_(shift)
 
 
 def _next_module(network, name):

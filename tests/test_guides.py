@@ -356,3 +356,22 @@ def test_a_beta_gated_network_trains_with_svi_and_compresses():
     with torch.no_grad():
         dense = pyro_bc.predict_logits(model, guide, x)
         torch.testing.assert_close(compressed(x), dense, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("prior", [GroupNormalJeffreys, GroupHorseshoe])
+def test_init_from_with_rescale_keeps_the_pruning_quantity(prior):
+    # small trained weights (RMS 0.03) must not start the groups past the pruning threshold
+    torch.manual_seed(0)
+    model = LeNet300100(prior=prior())
+    guide = pyro_bc.StructuredGuide(model)
+    twin = LeNet300100.deterministic()
+    with torch.no_grad():
+        for module in twin.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0.0, 0.03)
+    before = {name: m.log_alpha.clone() for name, m in pyro_bc.group_masks(guide, -3).items()}
+    guide.init_from(twin, rescale=True)
+    after = pyro_bc.group_masks(guide, -3)
+    for name, m in after.items():
+        torch.testing.assert_close(m.log_alpha, before[name], atol=0.05, rtol=0)
+        assert bool(m.groups_kept.all()), name
