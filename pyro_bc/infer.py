@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import time
 import warnings
@@ -15,13 +14,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
-
-# tqdm.auto draws widget bars in a notebook, which need ipywidgets; without it, it warns
-# "IProgress not found" on import. The text bar works everywhere.
-if importlib.util.find_spec("ipywidgets") is None:
-    from tqdm import tqdm
-else:
-    from tqdm.auto import tqdm
+from tqdm.auto import tqdm
 
 from . import distributed as bc_distributed
 from . import poutine as bc_poutine

@@ -593,7 +593,9 @@ def error_vs_bits(sweep: BitSweep, *, path=None) -> Figure:
     )
     chance = sweep.chance_error * 100
     if math.isfinite(chance):
-        ax.axhline(chance, color="black", linestyle="--", linewidth=0.8, label="chance")
+        ax.axhline(
+            chance, color="black", linestyle="--", linewidth=0.8, label=f"chance ({chance:.0f}%)"
+        )
     auto = ", ".join(f"{k}: {v}" for k, v in sweep.auto_bits.items())
     ax.plot(
         [sweep.auto_mean_bits],
