@@ -77,6 +77,9 @@ GUIDE_FAMILIES: dict[str, GuideFamily] = {
 }
 
 
+BUILT_IN_FAMILIES = frozenset(GUIDE_FAMILIES)
+
+
 def register_guide_family(
     name: str, transform, support, *, default_loc: float = 0.0
 ) -> GuideFamily:
@@ -102,6 +105,11 @@ def register_guide_family(
             constraints.interval(0.0, 2.0),
         )
     """
+    if name in BUILT_IN_FAMILIES:
+        raise ValueError(
+            f"register_guide_family: {name!r} is a built-in family ({sorted(BUILT_IN_FAMILIES)}); "
+            "give yours another name"
+        )
     transforms = list(transform) if isinstance(transform, (list, tuple)) else [transform]
     bounds = support_bounds(support)
     if bounds is None:

@@ -325,6 +325,8 @@ def test_a_support_without_a_family_says_how_to_add_one():
         assert bool(((draws > 0) & (draws < 2)).all()) and draws.max() > 1
     finally:
         GUIDE_FAMILIES.pop("logitnormal02", None)
+    with pytest.raises(ValueError, match="'normal' is a built-in"):
+        register_guide_family("normal", SigmoidTransform(), constraints.unit_interval)
 
 
 def test_a_beta_gated_network_trains_with_svi_and_compresses():

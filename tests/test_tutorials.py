@@ -52,6 +52,9 @@ def test_tutorial_is_committed_without_outputs(path):
     )
 
 
+# 18-60 s each on a loaded 2-core machine (168 s for the five), more than the rest of the
+# default suite together: run with -m slow, as CI does.
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
 def test_tutorial_runs_in_ci_mode(path, tmp_path, monkeypatch):
     # The kernel inherits this environment: CI selects the notebooks' smoke-test mode, and one
