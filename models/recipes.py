@@ -67,9 +67,7 @@ _LENET300 = {"clip_var": {"fc1": 0.04}, "epochs": 170, "decay_epochs": 20}
 _LENET5 = {"lr": 3e-3, "epochs": 40, "decay_epochs": 10}
 RECIPES = {
     ("lenet300", "gnj"): Recipe(**_LENET300),
-    ("lenet300", "ghs"): Recipe(
-        **{**_LENET300, "epochs": 80}, rescale=True, tau0=1e-5
-    ),
+    ("lenet300", "ghs"): Recipe(**{**_LENET300, "epochs": 80}, rescale=True, tau0=1e-5),
     ("lenet300", "rhs"): Recipe(**_LENET300, rescale=True, tau0=1e-5),
     ("lenet5", "gnj"): Recipe(**_LENET5),
     ("lenet5", "ghs"): Recipe(**_LENET5, rescale=True, tau0=1e-5),

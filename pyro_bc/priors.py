@@ -120,10 +120,12 @@ def posterior_device(posteriors: dict):
 class GroupPrior:
     """Base class of the built-in priors and the wrapper of user functions.
 
-    Subclasses implement :meth:`__call__` (the Pyro model) and may override :meth:`guide_init`
-    (initial values of the guide's parameters for one site) and :meth:`scale_moments` (posterior
-    mean and variance of the group scale given the guide's distributions). The defaults work for
-    any prior: moments by Monte Carlo through :func:`draw_group_scale`.
+    Subclasses implement :meth:`__call__` (the Pyro model) and may override
+    :meth:`guide_family` (the guide's family at one site), :meth:`guide_init` (initial values of
+    the guide's parameters for one site) and :meth:`scale_moments` (posterior mean and variance
+    of the group scale given the guide's distributions). The defaults work for any prior: the
+    family that matches each site's support, moments by Monte Carlo through
+    :func:`draw_group_scale`.
     """
 
     #: how far apart (in units of the pruning quantity) the kept and the pruned mode of a layer's
@@ -133,6 +135,27 @@ class GroupPrior:
 
     def __call__(self, name: str, num_groups: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def guide_family(self, site: str, support) -> str | None:
+        """The name of the guide's family at ``site`` (support ``support``), or None for the
+        default: ``"normal"`` on the real line, ``"lognormal"`` on ``(0, inf)``,
+        ``"logitnormal"`` on ``(0, 1)`` (:data:`pyro_bc.guides.GUIDE_FAMILIES`).
+
+        Any family whose draws lie in the support may be chosen, e.g. a log-normal for a scale
+        whose prior is on the whole real line. :func:`pyro_bc.kl_audit` shows which of the
+        resulting (guide, prior) pairs have a closed-form KL.
+
+        Example::
+
+            class SpikeAndSlab(GroupPrior):
+                def __call__(self, name, num_groups):
+                    gate = dist.Beta(torch.full((num_groups,), 0.2), 1.0).to_event(1)
+                    return pyro.sample(f"{name}.gate", gate)
+
+                def guide_family(self, site, support):
+                    return "logitnormal"  # the default for (0, 1), written out
+        """
+        return None
 
     def guide_init(self, site: str, shape: torch.Size) -> dict | None:
         """Initial ``loc`` and ``log_var`` of the guide at ``site``, or None for the defaults."""
