@@ -227,7 +227,7 @@ def _check_schema(state, path, version):
     if not isinstance(guide, dict) or not all(
         isinstance(k, str) and _dense(v) for k, v in guide.items()
     ):
-        fail("'guide' must map names to dense tensors")
+        fail("'guide' must map names to tensors (dense ones)")
     if not all(v.is_floating_point() for v in guide.values()):
         fail("the guide's parameters must be floating-point tensors")
     bad = non_finite_entries(guide)
@@ -266,7 +266,7 @@ def _check_schema(state, path, version):
     if not isinstance(model, dict) or not all(
         isinstance(k, str) and _dense(v) for k, v in model.items()
     ):
-        fail("'model' must map names to dense tensors")
+        fail("'model' must map names to tensors (dense ones)")
     bad = non_finite_entries(model)
     if bad:
         fail(f"the model's {', '.join(bad[:5])} hold non-finite values")
