@@ -315,15 +315,21 @@ def mnist_campaign(n, rng, folder):
 
 
 # ----------------------------------------------------------------------------
-# Bombs, measured in a fresh process: the peak resident memory above the process after imports
+# Bombs, measured in a fresh process: its peak resident memory (VmHWM, reset after the imports)
+# above its resident memory then. ru_maxrss would not do: a child keeps its parent's peak.
 
 BOMB_CHILD = r"""
-import resource, sys, time
+import sys, time
 import torch, pyro_bc
 from pyro_bc.checkpoint import load_checkpoint
 from pyro_bc.datasets import read_idx
 kind, path = sys.argv[1], sys.argv[2]
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets the peak to the current resident size
+base = status("VmRSS:")
 start = time.perf_counter()
 try:
     if kind == "bc":
@@ -335,7 +341,7 @@ try:
     outcome = "loaded"
 except Exception as e:
     outcome = f"{type(e).__name__}: {str(e)[:160]}"
-peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+peak = (status("VmHWM:") - base) / 1024
 print(f"{peak:.1f}\t{time.perf_counter() - start:.2f}\t{outcome}")
 """
 
