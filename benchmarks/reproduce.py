@@ -222,6 +222,9 @@ def write_table():
             rows.append(f"| {NAMES[network]} | {NAMES[prior]} | not run | | | | | | |")
             continue
         result = json.loads(path.read_text())
+        if "max_error_increase" not in result:  # a result of the previous recipe: not re-run
+            rows.append(f"| {NAMES[network]} | {NAMES[prior]} | not re-run | | | | | | |")
+            continue
         r = result["report"]
         paper_precision = "not found" if precision is None else f"{precision}"
         rows.append(
