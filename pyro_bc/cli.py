@@ -23,6 +23,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pyro
@@ -379,7 +380,8 @@ def run(args):
     )
     if pretrain_epochs > 0 and not resuming:
         twin = network.deterministic(**options).to(args.device)
-        guide.init_from(pretrain(twin, train_loader, epochs=pretrain_epochs), rescale=r.rescale)
+        twin = pretrain(twin, train_loader, epochs=pretrain_epochs, progress=not args.quiet)
+        guide.init_from(twin, rescale=r.rescale)
     metadata = {
         "model": args.model,
         "prior": args.prior,
@@ -388,20 +390,24 @@ def run(args):
         "validation": held_out,
         **options,
     }
-    history = fit(
-        model,
-        guide,
-        train_loader,
-        epochs=epochs,
-        # a resumed run keeps its checkpoint's rate unless --lr asks for another
-        lr=r.lr if args.lr is None and not resuming else args.lr,
-        lr_schedule=linear_decay(max(epochs - decay, 0), epochs) if decay > 0 else None,
-        test_loader=test_loader,
-        checkpoint=checkpoint,
-        resume=args.resume,
-        seed=args.seed,
-        metadata=metadata,
-    )
+    with warnings.catch_warnings():
+        # a NaN loss stops fit with TrainingDivergedError, one line: no warning before it
+        warnings.filterwarnings("ignore", message="Encountered NaN")
+        history = fit(
+            model,
+            guide,
+            train_loader,
+            epochs=epochs,
+            # a resumed run keeps its checkpoint's rate unless --lr asks for another
+            lr=r.lr if args.lr is None and not resuming else args.lr,
+            lr_schedule=linear_decay(max(epochs - decay, 0), epochs) if decay > 0 else None,
+            test_loader=test_loader,
+            checkpoint=checkpoint,
+            resume=args.resume,
+            seed=args.seed,
+            metadata=metadata,
+            progress=not args.quiet,
+        )
     dense = evaluate(model, guide, test_loader, num_samples=args.mc_samples)
     budget = {}
     if args.max_error_increase is not None:
@@ -601,8 +607,8 @@ VALIDATION_HELP = (
 )
 BUDGET_HELP = (
     "search the thresholds and bit widths for the smallest network whose validation error is "
-    "at most this much (a fraction: 0.001 = 0.1 points) above the dense network's; without "
-    "it the recipe's or --thresholds' thresholds are used"
+    "at most this much (a fraction: 0.001 = 0.1 points) above the dense network's (default: "
+    "no search; the thresholds of --thresholds or the recipe)"
 )
 
 
@@ -669,7 +675,8 @@ def parser() -> argparse.ArgumentParser:
         "--width",
         metavar="N",
         type=positive_int,
-        help="vgg16 only: channels of the first block (64 in the paper); small for quick runs",
+        help="vgg16 only: channels of the first block; small for quick runs (default: 64, the "
+        "paper's)",
     )
     r.add_argument(
         "--epochs", metavar="N", type=positive_int, help="epochs of SVI (default: the recipe's)"
@@ -713,6 +720,7 @@ def parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists"
     )
     r.add_argument("--out", type=output_folder, default="runs/latest", help="output folder")
+    r.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
     r.set_defaults(handler=run)
 
     c = command("compress", "compress a checkpoint written by run, with other choices")
@@ -764,8 +772,12 @@ def parser() -> argparse.ArgumentParser:
 
     x = command("export", "write a compressed .bc file as ONNX and/or TorchScript")
     x.add_argument("file", type=existing_file, help="a .bc file")
-    x.add_argument("--onnx", type=output_file, help="where to write the ONNX model")
-    x.add_argument("--torchscript", type=output_file, help="where to write the TorchScript file")
+    x.add_argument("--onnx", type=output_file, help="where to write the ONNX model (default: none)")
+    x.add_argument(
+        "--torchscript",
+        type=output_file,
+        help="where to write the TorchScript file (default: none)",
+    )
     x.set_defaults(handler=export)
     return p
 
