@@ -423,7 +423,8 @@ def run(args):
         calibration=_in_order(data.train_x, data.train_y),  # unaugmented
         **budget,
     )
-    _figures(guide, compressed, out, history)
+    if args.figures:
+        _figures(guide, compressed, out, history)
     report = compressed.report
     summary = {
         **metadata,
@@ -505,7 +506,8 @@ def compress_checkpoint(args):
             kwargs["max_error_increase"] = args.max_error_increase
     out = args.out or args.checkpoint.parent
     compressed = _compress(guide, out, **kwargs)
-    _figures(guide, compressed, out)
+    if args.figures:
+        _figures(guide, compressed, out)
 
 
 def _dataset_of(network, path):
@@ -624,6 +626,16 @@ def _recipes_table():
     )
 
 
+def _figures_option(command):
+    command.add_argument(
+        "--no-figures",
+        dest="figures",
+        action="store_false",
+        help="skip the PNG figures (pruning histograms, weights, bits, training curves), which "
+        "take most of the time of a quick run",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     """The ``pyro-bc`` argument parser.
 
@@ -721,6 +733,7 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--out", type=output_folder, default="runs/latest", help="output folder")
     r.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    _figures_option(r)
     r.set_defaults(handler=run)
 
     c = command("compress", "compress a checkpoint written by run, with other choices")
@@ -752,6 +765,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--out", type=output_folder, help="output folder (default: the checkpoint's folder)"
     )
+    _figures_option(c)
     c.set_defaults(handler=compress_checkpoint)
 
     e = command("evaluate", "test error of a compressed .bc file")

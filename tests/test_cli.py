@@ -28,7 +28,8 @@ def run_folder(tmp_path_factory):
 def vgg_folder(tmp_path_factory):
     out = tmp_path_factory.mktemp("vgg")
     argv = ["run", "--model", "vgg16", "--data", "synthetic-cifar10", "--width", "4"]
-    argv += ["--epochs", "1", "--pretrain-epochs", "1", "--mc-samples", "2", "--out", str(out)]
+    argv += ["--epochs", "1", "--pretrain-epochs", "1", "--mc-samples", "2", "--no-figures"]
+    argv += ["--quiet", "--out", str(out)]
     assert main(argv) == 0
     return out
 
@@ -38,6 +39,8 @@ def test_run_writes_checkpoint_compressed_file_and_report(run_folder, capsys):
     report = json.loads((run_folder / "report.json").read_text())
     assert (run_folder / "checkpoint.pt").is_file()
     assert (run_folder / "model.bc").stat().st_size == report["file_bytes"]
+    for figure in ("pruning-histograms", "weights", "bits", "training"):
+        assert (run_folder / f"{figure}.png").stat().st_size > 0
     assert summary["architecture"] == report["architecture"]
     assert 0 <= summary["test_error_compressed"] < 0.5
     # the shipped subset's last fifth is held out: trained on 8,000 of its 10,000 images
@@ -62,6 +65,7 @@ def test_compress_a_checkpoint_with_other_thresholds(run_folder, tmp_path, capsy
     report = json.loads((out / "report.json").read_text())
     fc1 = report["layers"][0]
     assert fc1["threshold"] == -8
+    assert (out / "pruning-histograms.png").is_file() and not (out / "training.png").exists()
     # a low threshold prunes at least as much as the default one
     default = json.loads((run_folder / "report.json").read_text())["layers"][0]
     assert fc1["groups_kept"] <= default["groups_kept"]
@@ -74,6 +78,7 @@ def test_compress_a_checkpoint_with_other_thresholds(run_folder, tmp_path, capsy
 def test_compress_within_an_error_budget_on_validation_images(run_folder, tmp_path):
     out = tmp_path / "budget"
     argv = ["compress", str(run_folder / "checkpoint.pt"), "--max-error-increase", "0.01"]
+    argv += ["--no-figures"]
     assert main([*argv, "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["validation_examples"] == 2000  # the images run held out
@@ -92,7 +97,7 @@ def test_run_takes_the_recipe_where_options_are_not_given(tmp_path, monkeypatch)
         thresholds=-2.5,
     )
     monkeypatch.setitem(recipes.RECIPES, ("lenet300", "gnj"), quick)
-    assert main(["run", "--mc-samples", "0", "--out", str(tmp_path)]) == 0
+    assert main(["run", "--mc-samples", "0", "--no-figures", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert (summary["epochs"], summary["pretrain_epochs"]) == (2, 0)
     assert (summary["lr"], summary["batch_size"], summary["decay_epochs"]) == (2e-3, 500, 2)
@@ -108,6 +113,7 @@ def test_run_takes_the_recipe_where_options_are_not_given(tmp_path, monkeypatch)
 def test_an_option_wins_over_the_recipe(tmp_path):
     argv = ["run", "--epochs", "1", "--pretrain-epochs", "0", "--lr", "5e-4", "--batch-size"]
     argv += ["1000", "--decay-epochs", "0", "--thresholds", "-4", "--mc-samples", "0"]
+    argv += ["--no-figures", "--quiet"]
     assert main([*argv, "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert (summary["lr"], summary["batch_size"], summary["decay_epochs"]) == (5e-4, 1000, 0)
@@ -138,7 +144,8 @@ def test_vgg16_on_synthetic_cifar10_trains_compresses_saves_loads_and_evaluates(
 
 def test_compress_rebuilds_the_vgg_width_from_the_checkpoint(vgg_folder, tmp_path):
     out = tmp_path / "again"
-    assert main(["compress", str(vgg_folder / "checkpoint.pt"), "--out", str(out)]) == 0
+    argv = ["compress", str(vgg_folder / "checkpoint.pt"), "--no-figures", "--out", str(out)]
+    assert main(argv) == 0
     again = json.loads((out / "report.json").read_text())
     first = json.loads((vgg_folder / "report.json").read_text())
     # same posterior, same thresholds, same (unaugmented) calibration images: same network
@@ -224,7 +231,7 @@ def _denied(path):
     raise PermissionError(13, "Permission denied", str(path))
 
 
-def error_cases(run_folder, vgg_folder, tmp):
+def error_cases(run_folder, tmp):
     """(argv, a fragment of the message) for every error path; files made in ``tmp``."""
     ckpt, bc = run_folder / "checkpoint.pt", run_folder / "model.bc"
     corrupt = tmp / "corrupt.bc"
@@ -301,11 +308,9 @@ def error_cases(run_folder, vgg_folder, tmp):
     ]
 
 
-def test_every_user_error_is_one_line_with_exit_status_2(
-    run_folder, vgg_folder, tmp_path, capsys, monkeypatch
-):
+def test_every_user_error_is_one_line_with_exit_status_2(run_folder, tmp_path, capsys):
     capsys.readouterr()
-    for argv, fragment in error_cases(run_folder, vgg_folder, tmp_path):
+    for argv, fragment in error_cases(run_folder, tmp_path):
         status = main(argv)
         err = capsys.readouterr().err
         assert status == 2, (argv, err)
