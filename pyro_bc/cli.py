@@ -104,6 +104,19 @@ def _bounded_int(text, low):
     return value
 
 
+def seed(text: str) -> int:
+    """A random seed: an integer in 0..2**32 - 1 (what Pyro's ``set_rng_seed`` takes).
+
+    Example::
+
+        seed("0")  # 0
+    """
+    value = _bounded_int(text, 0)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer below 2**32, got {value}")
+    return value
+
+
 def learning_rate(text: str) -> float:
     """A finite number > 0 (``--lr``).
 
@@ -336,6 +349,18 @@ def _figures(guide, compressed, out, history=None):
         plots.training_curves(history, path=out / "training.png")
 
 
+def _check_threshold_layers(thresholds, model, model_name):
+    if not isinstance(thresholds, dict):
+        return
+    layers = [layer.site() for layer in model.bayesian_layers()]
+    unknown = sorted(set(thresholds) - set(layers))
+    if unknown:
+        raise CommandError(
+            f"--thresholds names layers {model_name} does not have: {', '.join(unknown)}; its "
+            f"Bayesian layers are {', '.join(layers)}"
+        )
+
+
 def _check_resumable(checkpoint, asked):
     metadata = load_checkpoint(checkpoint).get("metadata") or {}
     different = {
@@ -378,6 +403,7 @@ def run(args):
     network, model, guide = build(
         args.model, args.prior, len(data.train_y), device=args.device, **options
     )
+    _check_threshold_layers(thresholds, model, args.model)
     if pretrain_epochs > 0 and not resuming:
         twin = network.deterministic(**options).to(args.device)
         twin = pretrain(twin, train_loader, epochs=pretrain_epochs, progress=not args.quiet)
@@ -386,7 +412,8 @@ def run(args):
         "model": args.model,
         "prior": args.prior,
         "dataset_size": len(data.train_y),
-        "data": str(source),
+        # a directory as an absolute path, so that compress finds it from any folder
+        "data": source if source in DATA_NAMES else str(Path(source).expanduser().resolve()),
         "validation": held_out,
         **options,
     }
@@ -476,6 +503,7 @@ def compress_checkpoint(args):
             "pass --data"
         )
     _, model, guide = build(model_name, prior_name, metadata.get("dataset_size"), **options)
+    _check_threshold_layers(args.thresholds, model, model_name)
     # checked against the guide: a checkpoint of another model is named in one line
     state = load_checkpoint(args.checkpoint, guide)
     bad = non_finite_entries(state["guide"])
@@ -727,7 +755,7 @@ def parser() -> argparse.ArgumentParser:
     how.add_argument("--thresholds", metavar="T", type=parse_thresholds, help=THRESHOLDS_HELP)
     how.add_argument("--max-error-increase", metavar="F", type=error_fraction, help=BUDGET_HELP)
     r.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:N or mps")
-    r.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    r.add_argument("--seed", type=seed, default=0, help="seed of every random draw")
     r.add_argument(
         "--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists"
     )
