@@ -378,6 +378,8 @@ def run(args):
     """``pyro-bc run``: pretrain, fit, compress, save, evaluate and draw, as the recipe says."""
     r = recipe(args.model, args.prior)
     options = _network_options(args.width, args.model)
+    if args.max_error_increase is not None and args.validation == 0:
+        raise CommandError("--max-error-increase needs validation images: --validation N > 0")
     out = args.out
     checkpoint = out / "checkpoint.pt"
     resuming = args.resume and checkpoint.exists()
