@@ -1,18 +1,28 @@
-"""Milliseconds per training step of LeNet-300-100 with the group normal-Jeffreys prior.
+"""Training speed of pyro_bc against the same math hand-written in PyTorch.
 
-Three implementations of one step at batch 128, measured in one run, interleaved, several
-repetitions each (medians):
+Three implementations of one training step at batch 128, for LeNet-300-100 and LeNet-5-Caffe
+with the group normal-Jeffreys prior, measured in one run, interleaved, several repeats each:
 
-- ``pyro_bc``: the library's own training step, as :func:`pyro_bc.fit` runs it;
+- ``pyro_bc``: the library's own training step (:class:`pyro_bc.infer.TrainingStep`, what
+  :func:`pyro_bc.fit` runs);
 - ``hand-written``: the same math in plain PyTorch (same initialisation, batch, optimizer, local
   reparameterization, closed-form KLs), written here as the reference to beat;
-- ``deterministic``: a plain 784-300-100-10 network with cross-entropy (the floor).
+- ``deterministic``: a plain network of the same shape with cross-entropy (the floor).
+
+Then one epoch end to end, data loading included, on the shipped MNIST subset (LeNet-300-100):
+``pyro_bc.fit`` with the loader of :func:`pyro_bc.data.mnist_loaders` (a ``DataLoader`` over a
+``TensorDataset``, which collates example by example), against a hand-written loop that indexes
+the data tensors with one shuffled index batch per step.
+
+Every repeat runs each implementation once, so load from other processes hits all of them; the
+ratio pyro_bc / hand-written is reported per repeat and as the ratio of the medians, both for
+wall-clock time and for this process's CPU time (steadier on a loaded machine).
 
 It also measures the peak memory of training: each implementation runs ``--steps`` steps in a
 fresh process, which reports how far its peak resident set size rose above what it held once
 built (the interpreter, torch, pyro and the parameters), and that peak itself.
 
-    python benchmarks/speed.py --repeats 7 --steps 50
+    python benchmarks/speed.py --threads 1 --repeats 7 --steps 50
 
 Writes ``benchmarks/results/speed.json``.
 """
@@ -35,55 +45,93 @@ import torch
 import torch.nn.functional as F
 
 import pyro_bc
+from pyro_bc.data import load, mnist_loaders
 from pyro_bc.files import write_atomically
 from pyro_bc.infer import adam
-from pyro_bc.models import LeNet300100
+from pyro_bc.models import LeNet5Caffe, LeNet300100
 from pyro_bc.priors import GroupNormalJeffreys
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
-SIZES = [(784, 300), (300, 100), (100, 10)]
+
+#: per network: the model class, the fc1 variance clip, and the hand-written layers
+#: ``(kind, weight shape, what follows)``
+NETWORKS = {
+    "lenet300": (
+        LeNet300100,
+        0.04,
+        [
+            ("linear", (300, 784), "relu"),
+            ("linear", (100, 300), "relu"),
+            ("linear", (10, 100), None),
+        ],
+    ),
+    "lenet5": (
+        LeNet5Caffe,
+        None,
+        [
+            ("conv", (20, 1, 5, 5), "relu-pool"),
+            ("conv", (50, 20, 5, 5), "relu-pool"),
+            ("linear", (500, 800), "relu"),
+            ("linear", (10, 500), None),
+        ],
+    ),
+}
+LOADERS = {
+    "pyro_bc": "pyro_bc.fit over pyro_bc.data.mnist_loaders (DataLoader of a TensorDataset)",
+    "hand-written": "a loop over shuffled index batches of the data tensors (x[idx], y[idx])",
+}
 
 
 class HandWrittenGNJ(torch.nn.Module):
-    """LeNet-300-100 with the group normal-Jeffreys prior, trained as in the authors' code."""
+    """A network with the group normal-Jeffreys prior, trained as in the authors' code.
 
-    def __init__(self, dataset_size, clip_var=0.04):
+    Dense layers have one group scale per input, convolutions one per filter.
+    """
+
+    def __init__(self, layers, dataset_size, clip_var=None):
         super().__init__()
+        self.layers = layers
         self.dataset_size = dataset_size
-        self.max_log_var = math.log(clip_var)
-        self.z_loc = torch.nn.ParameterList()
-        self.z_log_var = torch.nn.ParameterList()
-        self.w_loc = torch.nn.ParameterList()
-        self.w_log_var = torch.nn.ParameterList()
-        self.b_loc = torch.nn.ParameterList()
-        self.b_log_var = torch.nn.ParameterList()
-        for fan_in, fan_out in SIZES:
-            self.z_loc.append(torch.nn.Parameter(1 + 0.01 * torch.randn(fan_in)))
-            self.z_log_var.append(torch.nn.Parameter(-9 + 0.01 * torch.randn(fan_in)))
-            self.w_loc.append(torch.nn.Parameter(torch.randn(fan_out, fan_in) / fan_in**0.5))
-            self.w_log_var.append(torch.nn.Parameter(-9 + 0.01 * torch.randn(fan_out, fan_in)))
-            self.b_loc.append(torch.nn.Parameter(torch.zeros(fan_out)))
-            self.b_log_var.append(torch.nn.Parameter(-9 + 0.01 * torch.randn(fan_out)))
+        self.max_log_var = None if clip_var is None else math.log(clip_var)
+        for name in ("z_loc", "z_log_var", "w_loc", "w_log_var", "b_loc", "b_log_var"):
+            setattr(self, name, torch.nn.ParameterList())
+        for kind, shape, _ in layers:
+            groups = shape[1] if kind == "linear" else shape[0]
+            fan_in = math.prod(shape[1:])
+            self.z_loc.append(torch.nn.Parameter(1 + 0.01 * torch.randn(groups)))
+            self.z_log_var.append(torch.nn.Parameter(-9 + 0.01 * torch.randn(groups)))
+            self.w_loc.append(torch.nn.Parameter(torch.randn(shape) / fan_in**0.5))
+            self.w_log_var.append(torch.nn.Parameter(-9 + 0.01 * torch.randn(shape)))
+            self.b_loc.append(torch.nn.Parameter(torch.zeros(shape[0])))
+            self.b_log_var.append(torch.nn.Parameter(-9 + 0.01 * torch.randn(shape[0])))
 
     def _weight_log_var(self, i):
         log_var = self.w_log_var[i]
-        return log_var.clamp(max=self.max_log_var) if i == 0 else log_var
+        clip = i == 0 and self.max_log_var is not None
+        return log_var.clamp(max=self.max_log_var) if clip else log_var
 
     def loss(self, x, y):
         """Negative ELBO: scaled cross-entropy under local reparameterization plus the KLs."""
-        x = x.flatten(1)
         kl = 0.0
-        for i in range(len(SIZES)):
+        for i, (kind, _, then) in enumerate(self.layers):
             z_log_var, z_loc = self.z_log_var[i], self.z_loc[i]
             w_log_var, b_log_var = self._weight_log_var(i), self.b_log_var[i]
             w_var, b_var = w_log_var.exp(), b_log_var.exp()  # shared by outputs and KLs
-            z = z_loc + (0.5 * z_log_var).exp() * torch.randn(x.shape[0], SIZES[i][0])
-            xz = x * z
-            mean = F.linear(xz, self.w_loc[i], self.b_loc[i])
-            var = F.linear(xz.pow(2), w_var, b_var)
+            z = z_loc + (0.5 * z_log_var).exp() * torch.randn(x.shape[0], len(z_loc))
+            if kind == "linear":
+                x = x.flatten(1)
+                xz = x * z
+                mean = F.linear(xz, self.w_loc[i], self.b_loc[i])
+                var = F.linear(xz.pow(2), w_var, b_var)
+            else:
+                z = z[..., None, None]
+                mean = F.conv2d(x, self.w_loc[i], self.b_loc[i]) * z
+                var = F.conv2d(x.pow(2), w_var, b_var) * z.pow(2)
             x = mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
-            if i < len(SIZES) - 1:
+            if then is not None:
                 x = F.relu(x)
+            if then == "relu-pool":
+                x = F.max_pool2d(x, 2)
             log_alpha = z_log_var - z_loc.pow(2).log()
             kl = (
                 kl
@@ -98,49 +146,101 @@ class HandWrittenGNJ(torch.nn.Module):
         return nll + kl
 
 
-def step_pyro_bc(batch, dataset_size):
-    model = LeNet300100(prior=GroupNormalJeffreys(), dataset_size=dataset_size)
-    guide = pyro_bc.StructuredGuide(model, clip_var={"fc1": 0.04})
+def build_pyro_bc(network, dataset_size):
+    model_class, clip, _ = NETWORKS[network]
+    model = model_class(prior=GroupNormalJeffreys(), dataset_size=dataset_size)
+    guide = pyro_bc.StructuredGuide(model, clip_var=None if clip is None else {"fc1": clip})
+    return model, guide
+
+
+def step_pyro_bc(network, dataset_size):
+    model, guide = build_pyro_bc(network, dataset_size)
     step = pyro_bc.infer.TrainingStep(model, guide, lr=1e-3)
-    return (lambda x, y: step(x, y)[0]), batch
+    return lambda x, y: step(x, y)[0]
 
 
-def step_hand_written(batch, dataset_size):
-    net = HandWrittenGNJ(dataset_size)
-    optimizer = adam(net.parameters(), lr=1e-3)
+def _torch_step(loss_fn, params):
+    optimizer = adam(params, lr=1e-3)
 
     def step(x, y):
-        loss = net.loss(x, y)
+        loss = loss_fn(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         return loss
 
-    return step, batch
+    return step
 
 
-def step_deterministic(batch, dataset_size):
-    net = LeNet300100.deterministic()
-    optimizer = adam(net.parameters(), lr=1e-3)
+def step_hand_written(network, dataset_size):
+    _, clip, layers = NETWORKS[network]
+    net = HandWrittenGNJ(layers, dataset_size, clip)
+    return _torch_step(net.loss, net.parameters())
 
-    def step(x, y):
-        loss = F.cross_entropy(net(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss
 
-    return step, batch
+def step_deterministic(network, dataset_size):
+    net = NETWORKS[network][0].deterministic()
+    return _torch_step(lambda x, y: F.cross_entropy(net(x), y), net.parameters())
+
+
+STEPS = {
+    "pyro_bc": step_pyro_bc,
+    "hand-written": step_hand_written,
+    "deterministic": step_deterministic,
+}
 
 
 def time_steps(step, batch, steps):
+    """Milliseconds per step: wall clock and this process's CPU time."""
     x, y = batch
     for _ in range(5):  # warm-up: allocator, first-step validation
         step(x, y)
-    started = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step(x, y)
-    return 1000 * (time.perf_counter() - started) / steps
+    return 1000 * (time.perf_counter() - wall) / steps, 1000 * (time.process_time() - cpu) / steps
+
+
+def epoch_pyro_bc(data, batch_size):
+    model, guide = build_pyro_bc("lenet300", len(data.train_x))
+    train_loader, _ = mnist_loaders(data, batch_size=batch_size)
+    return lambda: pyro_bc.fit(model, guide, train_loader, epochs=1, progress=False)
+
+
+def epoch_hand_written(data, batch_size):
+    _, clip, layers = NETWORKS["lenet300"]
+    net = HandWrittenGNJ(layers, len(data.train_x), clip)
+    step = _torch_step(net.loss, net.parameters())
+    x, y = data.train_x, data.train_y
+
+    def epoch():
+        for idx in torch.randperm(len(x)).split(batch_size):
+            step(x[idx], y[idx])
+
+    return epoch
+
+
+def time_call(fn):
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def summarise(times, unit):
+    """Per-implementation lists of ``(wall, cpu)`` -> medians, per-repeat values and ratios."""
+    result = {}
+    for clock, i in (("wall", 0), ("cpu", 1)):
+        values = {name: [t[i] for t in ts] for name, ts in times.items()}
+        medians = {name: statistics.median(v) for name, v in values.items()}
+        per_repeat = [a / b for a, b in zip(values["pyro_bc"], values["hand-written"], strict=True)]
+        result[clock] = {
+            f"{unit}_all": values,
+            f"{unit}_median": medians,
+            "ratio_pyro_bc_to_hand_written_per_repeat": per_repeat,
+            "ratio_pyro_bc_to_hand_written_of_medians": medians["pyro_bc"]
+            / medians["hand-written"],
+        }
+    return result
 
 
 def peak_memory(step, batch, steps):
@@ -160,12 +260,28 @@ def measure_in_subprocess(name, args):
     return json.loads(output.strip().splitlines()[-1])
 
 
+def _print_ratios(label, summary, unit, scale=1.0):
+    for clock in ("wall", "cpu"):
+        s = summary[clock]
+        medians = ", ".join(f"{n} {v * scale:.2f}" for n, v in s[f"{unit}_median"].items())
+        per_repeat = " ".join(f"{r:.3f}" for r in s["ratio_pyro_bc_to_hand_written_per_repeat"])
+        print(f"{label} [{clock}] medians: {medians}")
+        print(
+            f"{label} [{clock}] pyro_bc / hand-written: "
+            f"{s['ratio_pyro_bc_to_hand_written_of_medians']:.3f} of medians; per repeat: "
+            f"{per_repeat}"
+        )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--networks", default="lenet300,lenet5")
+    parser.add_argument("--epoch-repeats", type=int, default=5, help="0 skips the epoch")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument("--out", default="benchmarks/results/speed.json")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # the subprocess's mode
     args = parser.parse_args()
@@ -175,41 +291,49 @@ def main():
         torch.rand(args.batch_size, 1, 28, 28) * 2 - 1,
         torch.randint(0, 10, (args.batch_size,)),
     )
-    builders = {
-        "pyro_bc": step_pyro_bc,
-        "hand-written": step_hand_written,
-        "deterministic": step_deterministic,
-    }
     if args.memory_of:
-        step, b = builders[args.memory_of](batch, 60_000)
-        print(json.dumps(peak_memory(step, b, args.steps)))
+        step = STEPS[args.memory_of]("lenet300", 60_000)
+        print(json.dumps(peak_memory(step, batch, args.steps)))
         return
-    memory = {name: measure_in_subprocess(name, args) for name in builders}
-    steps = {name: build(batch, 60_000) for name, build in builders.items()}
-    times = {name: [] for name in builders}
-    for _ in range(args.repeats):  # interleaved, so load changes hit every implementation
-        for name, (step, b) in steps.items():
-            times[name].append(time_steps(step, b, args.steps))
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    result = {
-        "ms_per_step_median": medians,
-        "ms_per_step_all": times,
-        "ratio_pyro_bc_to_hand_written": medians["pyro_bc"] / medians["hand-written"],
-        "ratio_hand_written_to_deterministic": medians["hand-written"] / medians["deterministic"],
-        "peak_memory_mib": memory,
-        "batch_size": args.batch_size,
-        "steps_per_repeat": args.steps,
-        "repeats": args.repeats,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "pyro": pyro.__version__,
-        "machine": platform.processor() or platform.machine(),
-    }
-    for name, median in medians.items():
-        print(f"{name:>14}: {median:7.2f} ms/step (median of {args.repeats})")
-    print(f"pyro_bc / hand-written: {result['ratio_pyro_bc_to_hand_written']:.2f}")
-    print(f"hand-written / deterministic: {result['ratio_hand_written_to_deterministic']:.2f}")
-    for name, m in memory.items():
+    result = {"step": {}}
+    if not args.no_memory:
+        result["peak_memory_mib"] = {name: measure_in_subprocess(name, args) for name in STEPS}
+    for network in args.networks.split(","):
+        steps = {name: build(network, 60_000) for name, build in STEPS.items()}
+        times = {name: [] for name in steps}
+        for _ in range(args.repeats):  # interleaved, so load changes hit every implementation
+            for name, step in steps.items():
+                times[name].append(time_steps(step, batch, args.steps))
+        summary = summarise(times, "ms_per_step")
+        result["step"][f"{network}-gnj"] = summary
+        _print_ratios(f"{network}-gnj step (ms)", summary, "ms_per_step")
+    if args.epoch_repeats > 0:
+        data = load("subset")
+        epochs = {
+            "pyro_bc": epoch_pyro_bc(data, args.batch_size),
+            "hand-written": epoch_hand_written(data, args.batch_size),
+        }
+        times = {name: [] for name in epochs}
+        for _ in range(args.epoch_repeats):
+            for name, epoch in epochs.items():
+                times[name].append(time_call(epoch))
+        summary = summarise(times, "seconds")
+        summary.update(loaders=LOADERS, examples=len(data.train_x), network="lenet300-gnj")
+        result["epoch"] = summary
+        _print_ratios("lenet300-gnj epoch (s)", summary, "seconds")
+        for name, loader in LOADERS.items():
+            print(f"  {name} loads with {loader}")
+    result.update(
+        batch_size=args.batch_size,
+        steps_per_repeat=args.steps,
+        repeats=args.repeats,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        pyro=pyro.__version__,
+        machine=platform.processor() or platform.machine(),
+        command=" ".join(["python", *sys.argv]),
+    )
+    for name, m in result.get("peak_memory_mib", {}).items():
         print(
             f"{name:>14}: peak memory +{m['training_mib']:.1f} MiB while training "
             f"(process peak {m['process_peak_mib']:.0f} MiB)"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -29,6 +30,9 @@ FORMAT = "pyro_bc.checkpoint"
 #: the schema :func:`save_checkpoint` writes; :func:`load_checkpoint` reads it and version 0
 SCHEMA_VERSION = 1
 _LEGACY_KEYS = ("guide", "optimizer", "epoch", "history", "rng")
+#: The most values (containers, tensors, scalars) the digest visits: a small pickle whose lists
+#: share one another would otherwise describe 2^100 of them.
+MAX_DIGEST_VALUES = 2**20
 
 
 class CheckpointError(ValueError):
@@ -127,6 +131,7 @@ def load_checkpoint(path, guide=None, *, epochs: int | None = None) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    _check_archive(path)
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:
@@ -136,6 +141,8 @@ def load_checkpoint(path, guide=None, *, epochs: int | None = None) -> dict:
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
     version = state.get("version", 0)
+    if type(version) is not int:  # also no bool, float or tensor standing in for a number
+        raise CheckpointError(f"checkpoint {path} has an invalid schema version {version!r}")
     if version == 0:
         missing = [k for k in _LEGACY_KEYS if k not in state]
         if missing:
@@ -150,7 +157,7 @@ def load_checkpoint(path, guide=None, *, epochs: int | None = None) -> dict:
         )
     elif version == SCHEMA_VERSION:
         _check_digest(state, path)
-    elif isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+    elif version > SCHEMA_VERSION:
         raise CheckpointError(
             f"checkpoint {path} has schema version {version}; this pyro_bc reads versions 0 to "
             f"{SCHEMA_VERSION}: upgrade pyro_bc"
@@ -183,15 +190,49 @@ def restore_rng_state(rng) -> None:
             torch.cuda.set_rng_state(state, device)
 
 
+def _check_archive(path):
+    # torch.save stores its entries uncompressed: entries that inflate past the file's own size
+    # are a zip bomb (a 260 KB file can hold gigabytes of zeros)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            inflated = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # not a readable zip archive: torch.load says why
+    size = path.stat().st_size
+    if inflated > size:
+        raise CheckpointError(
+            f"checkpoint {path} inflates to {inflated:,} bytes from {size:,}: torch.save never "
+            "compresses, so it was not written by pyro_bc.fit (or is a decompression bomb)"
+        )
+
+
+def _dense(value):
+    return (
+        isinstance(value, torch.Tensor)
+        and value.layout == torch.strided
+        and not value.is_nested
+        and not value.is_quantized
+        and value.device.type == "cpu"
+    )
+
+
 def _check_schema(state, path, version):
     def fail(what):
         raise CheckpointError(f"checkpoint {path} (schema version {version}): {what}")
 
+    missing = [k for k in (*_LEGACY_KEYS, "metadata") if k not in state]
+    if missing:
+        fail(f"it lacks {missing}")
     guide = state["guide"]
     if not isinstance(guide, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in guide.items()
+        isinstance(k, str) and _dense(v) for k, v in guide.items()
     ):
-        fail("'guide' must map names to tensors")
+        fail("'guide' must map names to tensors (dense ones)")
+    if not all(v.is_floating_point() for v in guide.values()):
+        fail("the guide's parameters must be floating-point tensors")
+    bad = non_finite_entries(guide)
+    if bad:
+        fail(f"the guide's {', '.join(bad[:5])} hold non-finite values")
     optimizer = state["optimizer"]
     if not (
         isinstance(optimizer, dict)
@@ -212,16 +253,23 @@ def _check_schema(state, path, version):
     if not isinstance(rng, dict) or not isinstance(rng.get("cuda", []), list):
         fail("'rng' must be {'cpu': ByteTensor, 'cuda': [ByteTensor, ...]}")
     for name, value in [("cpu", rng.get("cpu"))] + [("cuda", s) for s in rng.get("cuda", [])]:
-        if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
+        if not _dense(value) or value.dtype != torch.uint8 or value.dim() != 1:
             got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
             fail(f"the {name} random state must be a 1-d uint8 tensor (ByteTensor), got {got}")
+    try:  # the size a CPU generator's state must have depends on torch, so ask torch
+        torch.Generator().set_state(rng["cpu"])
+    except RuntimeError as e:
+        fail(f"the cpu random state cannot be restored ({e})")
     if not isinstance(state["metadata"], dict):
         fail("'metadata' must be a dict")
     model = state.get("model", {})
     if not isinstance(model, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()
+        isinstance(k, str) and _dense(v) for k, v in model.items()
     ):
-        fail("'model' must map names to tensors")
+        fail("'model' must map names to tensors (dense ones)")
+    bad = non_finite_entries(model)
+    if bad:
+        fail(f"the model's {', '.join(bad[:5])} hold non-finite values")
 
 
 def _match_guide(saved, guide, path):
@@ -256,21 +304,30 @@ def _check_digest(state, path):
     if not isinstance(recorded, str):
         raise CheckpointError(f"checkpoint {path} has no SHA-256 digest")
     content = {k: v for k, v in state.items() if k != "sha256"}
-    if _digest(content, path) != recorded:
+    try:
+        digest = _digest(content, path, budget=[MAX_DIGEST_VALUES])
+    except (TypeError, RuntimeError, NotImplementedError, RecursionError) as e:
+        # what no pyro_bc checkpoint holds: other types, sparse or meta tensors, deep nesting
+        raise CheckpointError(f"checkpoint {path} cannot be checked: {e}") from None
+    if digest != recorded:
         raise CheckpointError(
             f"checkpoint {path} fails its SHA-256 check: the file was changed or corrupted "
             "after it was written (resume from an older copy, or start over)"
         )
 
 
-def _digest(state, path) -> str:
+def _digest(state, path, budget=None) -> str:
     digest = hashlib.sha256()
-    _feed(digest, state, path, "checkpoint")
+    _feed(digest, state, path, "checkpoint", budget)
     return digest.hexdigest()
 
 
-def _feed(digest, value, path, where):
+def _feed(digest, value, path, where, budget=None):
     # Type tags and lengths make the byte stream unambiguous (no two states share one).
+    if budget is not None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise RuntimeError(f"it holds more than {MAX_DIGEST_VALUES:,} values")
     if isinstance(value, torch.Tensor):
         t = value.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"T{t.dtype}{tuple(value.shape)}:".encode())
@@ -278,12 +335,12 @@ def _feed(digest, value, path, where):
     elif isinstance(value, dict):
         digest.update(f"D{len(value)}:".encode())
         for k, v in value.items():
-            _feed(digest, k, path, where)
-            _feed(digest, v, path, f"{where}[{k!r}]")
+            _feed(digest, k, path, where, budget)
+            _feed(digest, v, path, f"{where}[{k!r}]", budget)
     elif isinstance(value, (list, tuple)):
         digest.update(f"{'L' if isinstance(value, list) else 'U'}{len(value)}:".encode())
         for i, v in enumerate(value):
-            _feed(digest, v, path, f"{where}[{i}]")
+            _feed(digest, v, path, f"{where}[{i}]", budget)
     elif isinstance(value, str):
         encoded = value.encode()
         digest.update(f"S{len(encoded)}:".encode() + encoded)

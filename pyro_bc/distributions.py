@@ -10,6 +10,9 @@ Importing this module registers, with :func:`torch.distributions.kl.register_kl`
   a product of Gamma and inverse-Gamma scale factors);
 - ``NormalLogVar || StandardNormal``: exact, from the log-variance directly (the weights).
 
+:class:`LogitNormal`, the guide of sites on ``(0, 1)``, is a transformed Normal, so torch's own
+``TransformedDistribution`` rule gives its KL against another logit-normal in closed form.
+
 The pairs are registered on the :mod:`torch.distributions` base classes, so Pyro's subclasses
 (``pyro.distributions.Normal``, ``LogNormal``, ``Gamma``, ``InverseGamma``) dispatch to them,
 and Pyro's own ``Independent || Independent`` rule makes ``.to_event(n)`` forms work too.
@@ -25,9 +28,11 @@ from pyro.distributions import TorchDistribution
 from pyro.distributions.util import broadcast_shape
 from torch.distributions import Gamma, InverseGamma, LogNormal, Normal, constraints
 from torch.distributions.kl import register_kl
+from torch.distributions.transforms import SigmoidTransform
 
 __all__ = [
     "ImproperLogUniform",
+    "LogitNormal",
     "NormalLogVar",
     "StandardNormal",
     "log_alpha",
@@ -123,7 +128,9 @@ class NormalLogVar(dist.Normal):
     """
 
     def __init__(self, loc, log_var, validate_args=None):
-        self.loc, self.log_var = torch.broadcast_tensors(loc, log_var)
+        if loc.shape != log_var.shape:
+            loc, log_var = torch.broadcast_tensors(loc, log_var)
+        self.loc, self.log_var = loc, log_var
         torch.distributions.Distribution.__init__(self, self.loc.shape, validate_args=validate_args)
 
     @functools.cached_property
@@ -165,10 +172,54 @@ class StandardNormal(dist.Normal):
         )
 
 
+def _expand(kl, p, q):
+    shape = broadcast_shape(p.batch_shape, q.batch_shape)
+    # an expand that changes nothing would still cost an autograd node every step
+    return kl if kl.shape == shape else kl.expand(shape)
+
+
+class LogitNormal(dist.TransformedDistribution):
+    """The logit-normal distribution on ``(0, 1)``: ``sigmoid(x)`` with ``x ~ N(loc, scale^2)``.
+
+    The guide's family for sites whose support is the unit interval (a relaxed spike-and-slab's
+    Beta gate, say). Its draws are reparameterized; it has no closed-form mean, so posterior
+    moments of a scale built from it come from Monte Carlo
+    (:meth:`pyro_bc.priors.GroupPrior.scale_moments`). Against a prior written as a logit-normal,
+    ``dist.TransformedDistribution(dist.Normal(m, s), SigmoidTransform())``, its KL is the
+    closed form between the two Normals; against a Beta there is none and ``TraceMeanField_ELBO``
+    uses Monte Carlo (:func:`pyro_bc.kl_audit` names such sites).
+
+    Example::
+
+        q = LogitNormal(torch.zeros(3), torch.ones(3))
+        q.rsample()  # three values in (0, 1)
+    """
+
+    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
+    support = constraints.unit_interval
+    has_rsample = True
+
+    def __init__(self, loc, scale, validate_args=None):
+        base = Normal(loc, scale, validate_args=validate_args)
+        super().__init__(base, SigmoidTransform(), validate_args=validate_args)
+
+    @property
+    def loc(self):
+        return self.base_dist.loc
+
+    @property
+    def scale(self):
+        return self.base_dist.scale
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(LogitNormal, _instance)
+        return super().expand(batch_shape, _instance=new)
+
+
 @register_kl(NormalLogVar, StandardNormal)
 def _kl_normal_log_var_standard_normal(p, q):
     kl = 0.5 * (p.loc.pow(2) + p.variance - 1 - p.log_var)
-    return kl.expand(broadcast_shape(p.batch_shape, q.batch_shape))
+    return _expand(kl, p, q)
 
 
 def unwrap(fn):
@@ -249,10 +300,10 @@ def molchanov_kl(log_alpha):
 def _kl_normal_improper_log_uniform(p, q):
     if isinstance(p, NormalLogVar):
         tiny = torch.finfo(p.loc.dtype).tiny
-        kl = molchanov_kl(p.log_var - 2 * p.loc.abs().clamp_min(tiny).log())
+        kl = molchanov_kl(p.log_var - p.loc.pow(2).clamp_min(tiny).log())
     else:
         kl = molchanov_kl(log_alpha(p.loc, p.scale))
-    return kl.expand(broadcast_shape(p.batch_shape, q.batch_shape))
+    return _expand(kl, p, q)
 
 
 def _half_log_2pi_v(s):

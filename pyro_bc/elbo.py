@@ -10,13 +10,14 @@ included.
 
 from __future__ import annotations
 
+import torch
 from pyro import poutine
-from pyro.distributions.util import scale_and_mask
+from pyro.distributions.util import is_identically_one, scale_and_mask
 from pyro.infer import TraceMeanField_ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.util import site_is_subsample
 from pyro.util import warn_if_nan
-from torch.distributions import kl_divergence
+from torch.distributions import Independent, kl_divergence
 
 
 def _log_prob_sum(site):
@@ -30,6 +31,26 @@ def _latent_sites(trace):
     for name, site in trace.nodes.items():
         if site["type"] == "sample" and not site_is_subsample(site):
             yield name, site
+
+
+def _kl_sum(guide_site, model_site):
+    """``KL(q || p)`` of a site, scaled, masked and summed; raises NotImplementedError when there
+    is no closed form."""
+    q, p = guide_site["fn"], model_site["fn"]
+    scale, mask = guide_site["scale"], guide_site["mask"]
+    if mask is None and is_identically_one(scale):
+        # Pyro's Independent || Independent rule sums the event dimensions and the loss sums the
+        # rest: summing once over the base distributions' KL is the same number, in fewer ops.
+        while (
+            isinstance(q, Independent)
+            and isinstance(p, Independent)
+            and q.reinterpreted_batch_ndims == p.reinterpreted_batch_ndims
+        ):
+            q, p = q.base_dist, p.base_dist
+    kl = scale_and_mask(kl_divergence(q, p), scale, mask)
+    if torch.is_tensor(kl):
+        return kl.sum()
+    return kl * guide_site["fn"].batch_shape.numel()
 
 
 class MeanFieldELBO(TraceMeanField_ELBO):
@@ -57,28 +78,31 @@ class MeanFieldELBO(TraceMeanField_ELBO):
         return torch_item(surrogate), surrogate
 
     def _negative_elbo(self, model_trace, guide_trace):
-        elbo = 0.0
+        # Terms of the negative ELBO, added once at the end: one autograd node, not one per site.
+        terms = []
         for name, site in _latent_sites(model_trace):
             if site["is_observed"]:
-                elbo = elbo + _log_prob_sum(site)
+                terms.append(-_log_prob_sum(site))
                 continue
             guide_site = guide_trace.nodes[name]
             try:
-                kl = kl_divergence(guide_site["fn"], site["fn"])
+                terms.append(_kl_sum(guide_site, site))
             except NotImplementedError:
-                elbo = elbo + _log_prob_sum(site) - _log_prob_sum(guide_site)
-            else:
-                kl = scale_and_mask(kl, guide_site["scale"], guide_site["mask"])
-                elbo = elbo - kl.sum()
+                terms.append(_log_prob_sum(guide_site) - _log_prob_sum(site))
         for name, guide_site in _latent_sites(guide_trace):
             if name not in model_trace.nodes:  # auxiliary guide sites
-                elbo = elbo - _log_prob_sum(guide_site)
-        return -elbo
+                terms.append(_log_prob_sum(guide_site))
+        tensors = [t for t in terms if torch.is_tensor(t)]
+        constant = sum(t for t in terms if not torch.is_tensor(t))
+        if not tensors:
+            return torch.as_tensor(float(constant))
+        return torch.stack(tensors).sum() + constant
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
-        loss = 0.0
-        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            loss = loss + self._negative_elbo(model_trace, guide_trace)
-        loss = loss / self.num_particles
+        losses = [
+            self._negative_elbo(model_trace, guide_trace)
+            for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs)
+        ]
+        loss = losses[0] if len(losses) == 1 else sum(losses) / len(losses)
         warn_if_nan(loss, "loss")
         return loss

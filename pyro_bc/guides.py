@@ -1,14 +1,21 @@
 """Structured guides ``q(z) q(theta)`` for networks of :mod:`pyro_bc.nn` layers.
 
-For every Bayesian layer the guide holds one factor per site of the layer's prior (a Normal for
-sites with real support, a log-normal for positive support), a Normal for the weights ``theta``
-and one for the bias. Because the weights are non-centred (``w = z * theta``), this is the paper's
-``q(z) q(w | z)`` with ``q(w | z) = N(z mu, z^2 sigma^2)``.
+For every Bayesian layer the guide holds one factor per site of the layer's prior, a Normal for
+the weights ``theta`` and one for the bias. Because the weights are non-centred
+(``w = z * theta``), this is the paper's ``q(z) q(w | z)`` with ``q(w | z) = N(z mu, z^2 sigma^2)``.
+
+Every factor is a Normal with a mean ``loc`` and a log-variance ``log_var``, mapped into its
+site's support: a **guide family** (:class:`GuideFamily`). The family of a prior's site is the
+prior's choice (:meth:`pyro_bc.priors.GroupPrior.guide_family`), by default the one whose support
+is the site's: ``"normal"`` on the real line, ``"lognormal"`` on ``(0, inf)``, ``"logitnormal"`` on
+``(0, 1)``. :func:`register_guide_family` adds others.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 
 import pyro
 import pyro.distributions as dist
@@ -16,11 +23,182 @@ import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from torch import nn
-from torch.distributions import biject_to, constraints
+from torch.distributions import biject_to, constraints, kl_divergence
 
-from .distributions import NormalLogVar
-from .nn import WEIGHT_ROLE, BayesianLayer
+from .distributions import LogitNormal, NormalLogVar
+from .nn import SCALE_ROLE, WEIGHT_ROLE, BayesianLayer
 from .priors import on_device
+
+
+@dataclasses.dataclass(frozen=True)
+class GuideFamily:
+    """A family of guide factors: ``N(loc, exp(log_var))`` mapped into ``support``.
+
+    :ivar name: what a prior's :meth:`~pyro_bc.priors.GroupPrior.guide_family` returns.
+    :ivar distribution: ``distribution(loc, log_var)``, a distribution with ``loc``'s batch shape
+        whose draws lie in ``support``.
+    :ivar support: where its draws lie, as ``(lower, upper)`` bounds; the family fits a site
+        whose support contains these bounds, and is the default where they are the same.
+    :ivar default_loc: the ``loc`` a factor starts at, unless the prior's
+        :meth:`~pyro_bc.priors.GroupPrior.guide_init` says otherwise.
+
+    Example::
+
+        GUIDE_FAMILIES["logitnormal"].distribution(torch.zeros(3), torch.zeros(3)).rsample()
+    """
+
+    name: str
+    distribution: Callable
+    support: tuple
+    default_loc: float = 0.0
+
+
+def _standard_deviation(log_var):
+    return (0.5 * log_var).exp()
+
+
+#: the guide families by name, in the order the defaults are looked up
+GUIDE_FAMILIES: dict[str, GuideFamily] = {
+    family.name: family
+    for family in (
+        # a real-valued site of a pyro_bc prior is a scale (the normal-Jeffreys prior's): at 1
+        GuideFamily("normal", NormalLogVar, (-math.inf, math.inf), default_loc=1.0),
+        GuideFamily(
+            "lognormal",
+            lambda loc, log_var: dist.LogNormal(loc, _standard_deviation(log_var)),
+            (0.0, math.inf),
+        ),
+        GuideFamily(
+            "logitnormal",
+            lambda loc, log_var: LogitNormal(loc, _standard_deviation(log_var)),
+            (0.0, 1.0),
+        ),
+    )
+}
+
+
+BUILT_IN_FAMILIES = frozenset(GUIDE_FAMILIES)
+
+
+def register_guide_family(
+    name: str, transform, support, *, default_loc: float = 0.0
+) -> GuideFamily:
+    """Adds a guide family: a Normal pushed through ``transform`` (a bijection from the real
+    line onto ``support``, or a list of transforms applied in order).
+
+    ``support`` is a constraint with bounds (``constraints.interval(0.0, 2.0)``,
+    ``constraints.positive``, ...). A prior picks the family by name in
+    :meth:`~pyro_bc.priors.GroupPrior.guide_family`; it is also the default for sites with this
+    support that no earlier family has. Closed-form KLs are whatever
+    ``torch.distributions.kl_divergence`` knows for the resulting ``TransformedDistribution``
+    (:func:`pyro_bc.kl_audit` shows which sites fall back to Monte Carlo).
+
+    Example::
+
+        from torch.distributions import constraints
+        from torch.distributions.transforms import AffineTransform, SigmoidTransform
+
+        # for a prior such as dist.Uniform(0.0, 2.0)
+        register_guide_family(
+            "logitnormal_0_2",
+            [SigmoidTransform(), AffineTransform(0.0, 2.0)],
+            constraints.interval(0.0, 2.0),
+        )
+    """
+    if name in BUILT_IN_FAMILIES:
+        raise ValueError(
+            f"register_guide_family: {name!r} is a built-in family ({sorted(BUILT_IN_FAMILIES)}); "
+            "give yours another name"
+        )
+    transforms = list(transform) if isinstance(transform, (list, tuple)) else [transform]
+    bounds = support_bounds(support)
+    if bounds is None:
+        raise ValueError(
+            f"register_guide_family({name!r}): support {support} has no bounds; give an "
+            "interval, a half-line or the real line (torch.distributions.constraints)"
+        )
+    if not transforms or any(t.domain.event_dim or t.codomain.event_dim for t in transforms):
+        raise ValueError(
+            f"register_guide_family({name!r}): give elementwise transforms (event_dim 0), "
+            f"got {transforms}"
+        )
+
+    def distribution(loc, log_var):
+        return dist.TransformedDistribution(
+            dist.Normal(loc, _standard_deviation(log_var)), transforms
+        )
+
+    family = GuideFamily(name, distribution, bounds, default_loc)
+    GUIDE_FAMILIES[name] = family
+    return family
+
+
+def support_bounds(support):
+    """``(lower, upper)`` of a real interval-like constraint, or None for other supports.
+
+    Example::
+
+        support_bounds(dist.Beta(1.0, 1.0).support)  # (0.0, 1.0)
+    """
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    if support is constraints.real or isinstance(support, type(constraints.real)):
+        return (-math.inf, math.inf)
+    lower = getattr(support, "lower_bound", -math.inf)
+    upper = getattr(support, "upper_bound", math.inf)
+    kinds = (
+        constraints.greater_than,
+        constraints.greater_than_eq,
+        constraints.less_than,
+        constraints.interval,
+        constraints.half_open_interval,
+    )
+    if not isinstance(support, kinds):
+        return None
+    bounds = []
+    for bound in (lower, upper):
+        if torch.is_tensor(bound):
+            if bound.numel() == 0 or bool((bound != bound.flatten()[0]).any()):
+                return None  # bounds that differ between elements
+            bound = bound.flatten()[0].item()
+        bounds.append(float(bound))
+    return tuple(bounds)
+
+
+def choose_family(prior, site: str, support) -> GuideFamily:
+    """The guide family of ``site``: the prior's choice, or the default for its support.
+
+    :raises ValueError: naming the site, if the prior names an unknown family or one whose draws
+        leave the support, or if no family has the site's support.
+
+    Example::
+
+        choose_family(GroupHorseshoe(), "fc1.local_a", dist.Gamma(0.5, 1.0).support).name
+        # "lognormal"
+    """
+    bounds = support_bounds(support)
+    name = prior.guide_family(site, support)
+    if name is None:
+        for family in GUIDE_FAMILIES.values():
+            if family.support == bounds:
+                return family
+        raise ValueError(
+            f"site {site!r}: StructuredGuide has no default family for support {support}; "
+            f"override GroupPrior.guide_family to choose one of {sorted(GUIDE_FAMILIES)} whose "
+            "draws lie in it, or add one with pyro_bc.guides.register_guide_family"
+        )
+    family = GUIDE_FAMILIES.get(name)
+    if family is None:
+        raise ValueError(
+            f"site {site!r}: {prior!r}.guide_family returned {name!r}; known families: "
+            f"{sorted(GUIDE_FAMILIES)} (pyro_bc.guides.register_guide_family adds one)"
+        )
+    if bounds is None or not (bounds[0] <= family.support[0] and family.support[1] <= bounds[1]):
+        raise ValueError(
+            f"site {site!r}: the {name!r} family draws values in {family.support}, outside the "
+            f"site's support {support}; choose a family whose draws lie in it"
+        )
+    return family
 
 
 class _SiteShapes(Messenger):
@@ -29,6 +207,7 @@ class _SiteShapes(Messenger):
     def __init__(self):
         super().__init__()
         self.sites = []
+        self.distributions = {}
 
     def _pyro_sample(self, msg):
         fn = msg["fn"]
@@ -38,35 +217,58 @@ class _SiteShapes(Messenger):
         msg["done"] = True
         msg["stop"] = True
         self.sites.append((msg["name"], shape, support, fn.event_dim))
+        self.distributions[msg["name"]] = fn
+
+
+def _run_prior(prior, name, num_groups):
+    recorder = _SiteShapes()
+    with poutine.block(), recorder:
+        prior(name, num_groups)
+    return recorder
 
 
 def prior_sites(prior, name, num_groups):
     """Names, shapes, supports and event dims of the sample sites of ``prior(name, num_groups)``."""
-    recorder = _SiteShapes()
-    with poutine.block(), recorder:
-        prior(name, num_groups)
-    return recorder.sites
+    return _run_prior(prior, name, num_groups).sites
 
 
-class _NormalFactor(nn.Module):
-    """A Normal (or log-normal) factor with mean ``loc`` and log-variance ``log_var``."""
+def _has_closed_form_kl(guide_fn, prior_fn):
+    try:
+        kl_divergence(guide_fn, prior_fn)
+    except Exception:
+        # whatever the KL cannot do, the ELBO estimates by Monte Carlo from a drawn value
+        return False
+    return True
 
-    def __init__(self, site, loc, log_var, event_dim, log_normal=False, max_log_var=None):
+
+class _Factor(nn.Module):
+    """One factor of the guide: a :class:`GuideFamily` with mean ``loc`` and log-variance
+    ``log_var`` (of the Normal before its map into the support)."""
+
+    def __init__(self, site, loc, log_var, event_dim, family="normal", max_log_var=None):
         super().__init__()
         self.site = site
         self.event_dim = event_dim
-        self.log_normal = log_normal
+        self.family = family
         self.max_log_var = max_log_var
         self.loc = nn.Parameter(loc.detach().clone().float())
         self.log_var = nn.Parameter(log_var.detach().clone().float())
+        self.role = None
+        # in the support of both families (real and positive), for sites left undrawn
+        self.register_buffer("_placeholder", torch.ones_like(self.loc), persistent=False)
+
+    def infer(self):
+        """The ``infer`` dict of the factor's sample site."""
+        if self.role is None:
+            return {}
+        return {"bc_role": self.role, "bc_placeholder": self._placeholder}
 
     def distribution(self):
         log_var = self.log_var
         if self.max_log_var is not None:
             log_var = log_var.clamp(max=self.max_log_var)
-        if self.log_normal:
-            return dist.LogNormal(self.loc, (0.5 * log_var).exp()).to_event(self.event_dim)
-        return NormalLogVar(self.loc, log_var).to_event(self.event_dim)
+        family = GUIDE_FAMILIES[self.family]
+        return family.distribution(self.loc, log_var).to_event(self.event_dim)
 
 
 class LayerPosterior(nn.Module):
@@ -76,27 +278,20 @@ class LayerPosterior(nn.Module):
         super().__init__()
         self.name = layer.site()
         self.scale_factors = nn.ModuleList()
-        for site, shape, support, event_dim in prior_sites(
-            layer.prior, self.name, layer.num_groups
-        ):
+        prior = _run_prior(layer.prior, self.name, layer.num_groups)
+        for site, shape, support, event_dim in prior.sites:
             init = layer.prior.guide_init(site, shape) or {}
-            support = _base_support(support)
-            if _is_positive(support):
-                default_loc, log_normal = torch.zeros(shape), True
-            elif isinstance(support, type(constraints.real)):
-                default_loc, log_normal = torch.ones(shape), False
-            else:
-                raise ValueError(
-                    f"site {site!r}: StructuredGuide has no default family for support {support}; "
-                    "use a prior whose sites have real or positive support"
-                )
-            loc = init.get("loc", default_loc)
+            family = choose_family(layer.prior, site, support)
+            loc = init.get("loc", torch.full(shape, family.default_loc))
             log_var = init.get("log_var", torch.full(shape, -9.0))
-            self.scale_factors.append(_NormalFactor(site, loc, log_var, event_dim, log_normal))
+            factor = _Factor(site, loc, log_var, event_dim, family.name)
+            if _has_closed_form_kl(factor.distribution(), prior.distributions[site]):
+                factor.role = SCALE_ROLE
+            self.scale_factors.append(factor)
 
         fan_in = math.prod(layer.weight_shape[1:])
         max_log_var = None if clip_var is None else math.log(clip_var)
-        self.weight = _NormalFactor(
+        self.weight = _Factor(
             layer.site("weight"),
             torch.randn(layer.weight_shape) / math.sqrt(fan_in),
             torch.full(layer.weight_shape, -9.0) + 0.01 * torch.randn(layer.weight_shape),
@@ -105,7 +300,7 @@ class LayerPosterior(nn.Module):
         )
         self.bias = None
         if layer.has_bias:
-            self.bias = _NormalFactor(
+            self.bias = _Factor(
                 layer.site("bias"),
                 torch.zeros(layer.bias_shape),
                 torch.full(layer.bias_shape, -9.0) + 0.01 * torch.randn(layer.bias_shape),
@@ -119,22 +314,11 @@ class LayerPosterior(nn.Module):
 
     def forward(self):
         for factor in self.scale_factors:
-            pyro.sample(factor.site, factor.distribution())
+            pyro.sample(factor.site, factor.distribution(), infer=factor.infer())
         infer = {"bc_role": WEIGHT_ROLE}
         pyro.sample(self.weight.site, self.weight.distribution(), infer=infer)
         if self.bias is not None:
             pyro.sample(self.bias.site, self.bias.distribution(), infer=infer)
-
-
-def _base_support(support):
-    while isinstance(support, constraints.independent):
-        support = support.base_constraint
-    return support
-
-
-def _is_positive(support):
-    bounded_below = (constraints.greater_than, constraints.greater_than_eq)
-    return isinstance(support, bounded_below) and support.lower_bound == 0
 
 
 class StructuredGuide(nn.Module):
@@ -216,7 +400,9 @@ class StructuredGuide(nn.Module):
         With ``rescale=True`` each group's scale starts at the root mean square of the group's
         trained weights (:meth:`GroupPrior.set_guide_scale`), so ``theta``'s means have unit
         root mean square, where its ``N(0, 1)`` prior puts them (with batch norm, the running
-        statistics take up that factor instead of the scale). Otherwise the group scales keep
+        statistics take up that factor instead of the scale); a Normal factor's variance moves
+        with its mean, so the pruning quantity ``log(Var[z] / E[z]^2)`` starts where it would
+        at scale 1. Otherwise the group scales keep
         their initial values (1 for the built-in priors) and ``theta`` carries the trained
         weights' magnitude; the horseshoe then has to move that magnitude into its scales while
         it trains, and prunes groups the data need on the way.
@@ -249,8 +435,7 @@ class StructuredGuide(nn.Module):
             if rescale:
                 group_dims = [d for d in range(weight.dim()) if d != layer.group_dim]
                 rms = weight.detach().pow(2).mean(group_dims).sqrt().clamp(min=1e-6)
-                locs = {f.site: f.loc.data for f in posterior.scale_factors}
-                layer.prior.set_guide_scale(posterior.name, locs, rms)
+                _set_guide_scale(layer.prior, posterior, rms)
             scale_posteriors = {f.site: f.distribution() for f in posterior.scale_factors}
             mean_z, _ = layer.prior.scale_moments(
                 posterior.name, layer.num_groups, scale_posteriors
@@ -263,6 +448,26 @@ class StructuredGuide(nn.Module):
                     bias = bias / mean_z.reshape(-1)
                 posterior.bias.loc.copy_(bias)
         return self
+
+
+def _set_guide_scale(prior, posterior, scale):
+    """The prior's :meth:`~pyro_bc.priors.GroupPrior.set_guide_scale`, keeping the relative
+    spread of every Normal factor it moves.
+
+    A Normal factor's ``log_var`` is absolute: moving its mean from 1 to a trained layer's root
+    mean square weight (say 0.03) with the variance left at ``exp(-9)`` would raise
+    ``log(Var[z] / E[z]^2)`` from -9 to about -2, past the pruning threshold before any training.
+    Log-normal and logit-normal factors are spread in the unconstrained space already.
+    """
+    locs = {f.site: f.loc.data for f in posterior.scale_factors}
+    before = {site: loc.clone() for site, loc in locs.items()}
+    prior.set_guide_scale(posterior.name, locs, scale)
+    for factor in posterior.scale_factors:
+        if factor.family != "normal":
+            continue
+        ratio = (factor.loc.data / before[factor.site]).abs()
+        shift = torch.where(torch.isfinite(ratio.log()), 2 * ratio.log(), 0.0)
+        factor.log_var.data.add_(shift)
 
 
 def _next_module(network, name):

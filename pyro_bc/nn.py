@@ -30,6 +30,10 @@ from .priors import GroupNormalJeffreys, as_prior, on_device
 #: the role a guide marks its weight and bias sites with (``infer={"bc_role": ...}``): layers
 #: compute their outputs from these sites' distributions under :mod:`pyro_bc.poutine`
 WEIGHT_ROLE = "weight"
+#: the role of group-scale sites whose KL has a closed form: under :mod:`pyro_bc.poutine` layers
+#: draw their scales from these sites' distributions and the ELBO needs no value, so the guide
+#: puts the placeholder ``infer["bc_placeholder"]`` there instead of a draw
+SCALE_ROLE = "scale"
 
 
 class BayesianLayer(PyroModule):
@@ -52,6 +56,7 @@ class BayesianLayer(PyroModule):
         self.has_bias = bias
         # follows the layer's device and dtype, for the prior of theta
         self.register_buffer("_zero", torch.zeros(()), persistent=False)
+        self._theta_priors = {}
 
     @property
     def bias_shape(self) -> torch.Size:
@@ -77,7 +82,16 @@ class BayesianLayer(PyroModule):
         return preactivation(self, x, z, weight, bias)
 
     def _standard_normal(self, shape):
-        return StandardNormal(shape, like=self._zero).to_event(len(shape))
+        # The prior of theta never changes: built once (and after .to()), not every step.
+        prior = self._theta_priors.get(shape)
+        if prior is None:
+            prior = StandardNormal(shape, like=self._zero).to_event(len(shape))
+            self._theta_priors[shape] = prior
+        return prior
+
+    def _apply(self, fn, *args, **kwargs):
+        self._theta_priors = {}  # built again on the new device or dtype
+        return super()._apply(fn, *args, **kwargs)
 
     def group_view(self, per_group: torch.Tensor) -> torch.Tensor:
         """``per_group`` (shape ``(G,)``) reshaped to broadcast against the weight tensor.

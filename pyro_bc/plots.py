@@ -31,7 +31,9 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import torch
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from .compression import (
@@ -50,6 +52,7 @@ __all__ = [
     "bits_histograms",
     "bits_per_layer",
     "error_vs_bits",
+    "kept_inputs",
     "pruning_histograms",
     "reliability_diagram",
     "training_curves",
@@ -268,6 +271,60 @@ def weight_matrices(
     return fig
 
 
+def kept_inputs(
+    guide, compressed=None, *, thresholds=None, layer=None, image_shape=None, path=None
+) -> Figure:
+    """The inputs a dense layer keeps, drawn as an image: for a first layer that reads pixels,
+    the pixels the compressed network still looks at.
+
+    Kept inputs are drawn in blue, pruned ones in the grey of :func:`weight_matrices`, with
+    fixed colours, so that a layer that keeps everything is a blue square, not a blank one.
+
+    :param compressed: the network compress returned (its thresholds are used), or give
+        ``thresholds`` (as for compress).
+    :param layer: the dense layer's name; default the first Bayesian layer, which must be dense.
+    :param image_shape: ``(height, width)`` of the picture; default the model's input shape
+        when its last two dimensions hold one group per input (e.g. ``(1, 28, 28)`` for 784).
+    :param path: if given, the figure is also saved there (PNG, atomically).
+
+    Example::
+
+        plots.kept_inputs(guide, compressed)  # LeNet-300-100: the pixels fc1 still reads
+    """
+    masks = _masks(guide, compressed, thresholds)
+    name = next(iter(masks)) if layer is None else layer
+    if name not in masks:
+        raise ValueError(f"kept_inputs: no Bayesian layer {name!r}; the model has {list(masks)}")
+    m = masks[name]
+    if m.kind != "dense":
+        raise ValueError(
+            f"kept_inputs: layer {name!r} is a convolution, whose groups are filters, not "
+            "inputs; pass layer= a dense layer (weight_matrices draws every layer)"
+        )
+    kept = m.groups_kept.detach().cpu().numpy()
+    if image_shape is None:
+        input_shape = getattr(guide.model, "input_shape", None) or ()
+        image_shape = tuple(input_shape[-2:])
+    if len(image_shape) != 2 or math.prod(image_shape) != kept.size:
+        raise ValueError(
+            f"kept_inputs: layer {name!r} has {kept.size} inputs, which do not make an image of "
+            f"shape {tuple(image_shape)}; pass image_shape=(height, width)"
+        )
+    fig = Figure(figsize=(3.4, 3.6), layout="constrained")
+    ax = fig.subplots()
+    cmap = ListedColormap([PRUNED_RGBA[:3], KEPT_COLOR])
+    ax.imshow(
+        kept.reshape(image_shape).astype(float), cmap=cmap, vmin=0, vmax=1, interpolation="nearest"
+    )
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"{name}: {int(kept.sum())} of {kept.size} inputs kept", fontsize=10)
+    handles = [Patch(color=KEPT_COLOR, label="kept"), Patch(color=PRUNED_RGBA, label="pruned")]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=2, fontsize=8)
+    _save(fig, path)
+    return fig
+
+
 def _block_ticks(axis, count, size):
     """Ticks at the centres of mosaic blocks, labelled with the block index (at most ~10)."""
     step = max(1, math.ceil(count / 10))
@@ -452,6 +509,8 @@ class BitSweep:
     :ivar auto_error: the test error of that network.
     :ivar auto_mean_bits: ``t`` averaged over the kept weights of the automatic choice.
     :ivar float32_error: the test error of the pruned network without quantization.
+    :ivar num_classes: the number of classes; with too few bits every weight rounds to zero and
+        the error sits at chance, ``1 - 1 / num_classes`` (90% for ten classes).
 
     Example::
 
@@ -465,6 +524,12 @@ class BitSweep:
     auto_error: float = math.nan
     auto_mean_bits: float = math.nan
     float32_error: float = math.nan
+    num_classes: int | None = None
+
+    @property
+    def chance_error(self) -> float:
+        """The error of a constant prediction: ``1 - 1 / num_classes`` (NaN if unknown)."""
+        return math.nan if not self.num_classes else 1.0 - 1.0 / self.num_classes
 
     def __str__(self):
         lines = ["t (all layers)  test error"]
@@ -491,6 +556,8 @@ def bit_sweep(guide, test_loader, bits=range(0, 13), *, thresholds=None) -> BitS
     errors = [compress(guide, thresholds, bits=t).evaluate(test_loader)["error"] for t in bits]
     auto = compress(guide, thresholds)
     layers = auto.report.layers
+    x, _ = next(iter(test_loader))
+    num_classes = auto(x[:1].to(next(auto.parameters()).device)).shape[-1]
     mean_bits = sum(layer.frac_bits * layer.weights_kept for layer in layers) / sum(
         layer.weights_kept for layer in layers
     )
@@ -501,6 +568,7 @@ def bit_sweep(guide, test_loader, bits=range(0, 13), *, thresholds=None) -> BitS
         auto_error=auto.evaluate(test_loader)["error"],
         auto_mean_bits=mean_bits,
         float32_error=compress(guide, thresholds, bits=None).evaluate(test_loader)["error"],
+        num_classes=num_classes,
     )
 
 
@@ -509,7 +577,9 @@ def error_vs_bits(sweep: BitSweep, *, path=None) -> Figure:
 
     The curve is ``compress(guide, bits=t)`` for each ``t`` of the sweep; the dotted line is the
     pruned network in float32; the star is ``compress(guide)``'s per-layer choice from the
-    posterior variances, drawn at its mean ``t`` over the kept weights.
+    posterior variances, drawn at its mean ``t`` over the kept weights. The dashed line, with
+    its own tick, is chance (90% error for ten classes): the plateau of too few bits, where
+    every weight rounds to zero.
 
     Example::
 
@@ -521,6 +591,11 @@ def error_vs_bits(sweep: BitSweep, *, path=None) -> Figure:
     ax.axhline(
         sweep.float32_error * 100, color="gray", linestyle=":", label="float32 (pruned only)"
     )
+    chance = sweep.chance_error * 100
+    if math.isfinite(chance):
+        ax.axhline(
+            chance, color="black", linestyle="--", linewidth=0.8, label=f"chance ({chance:.0f}%)"
+        )
     auto = ", ".join(f"{k}: {v}" for k, v in sweep.auto_bits.items())
     ax.plot(
         [sweep.auto_mean_bits],
@@ -537,6 +612,13 @@ def error_vs_bits(sweep: BitSweep, *, path=None) -> Figure:
     ax.yaxis.set_minor_formatter(
         FuncFormatter(lambda v, _: f"{v:g}" if _leading(v) in (2, 5) else "")
     )
+    if math.isfinite(chance):
+        # the plateau of too few bits gets a labelled tick of its own (90, not 50 or 100)
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, max(high, chance * 1.15))
+        ticks = [t for t in ax.get_yticks() if abs(math.log10(t / chance)) > 0.05]
+        ax.set_yticks(sorted(ticks + [chance]))
+        ax.set_ylim(low, max(high, chance * 1.15))
     ax.set_xlabel("fraction bits t (grid 2^-t)")
     ax.set_ylabel("test error (%)")
     ax.set_title("Test error of the compressed network against precision", fontsize=10)
@@ -697,5 +779,65 @@ def reliability_diagram(results, *, num_bins: int = DEFAULT_BINS, path=None) -> 
     bottom.set_ylabel("examples")
     bottom.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0%}" if v >= 0.01 else ""))
     bottom.grid(alpha=0.3)
+    _save(fig, path)
+    return fig
+
+
+def tradeoff(curves: dict, *, paper=None, chosen=None, title=None, path=None) -> Figure:
+    """Test error against compression rate, after pruning and after precision: two panels.
+
+    ``curves`` maps a label to a list of points, each a dict with ``pruning_rate``,
+    ``precision_rate`` and ``test_error`` (a fraction), e.g. one point per error budget or per
+    threshold. ``paper`` (same keys; ``precision_rate`` may be None) is drawn as a star,
+    ``chosen`` circled.
+
+    Example::
+
+        points = [pyro_bc.compress(guide, thresholds=t).report.to_dict() for t in (-3, -1, 1)]
+        fig = plots.tradeoff({"one threshold": points}, chosen=points[0])
+    """
+    fig = Figure(figsize=(9.0, 3.6), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, key, name in zip(
+        axes, ("pruning_rate", "precision_rate"), ("after pruning", "after precision"), strict=True
+    ):
+        for label, points in curves.items():
+            points = sorted(points, key=lambda p: p[key])
+            ax.plot(
+                [p[key] for p in points],
+                [100 * p["test_error"] for p in points],
+                "o-",
+                markersize=4,
+                label=label,
+            )
+        if paper is not None and paper.get(key) is not None:
+            ax.plot(
+                [paper[key]],
+                [100 * paper["test_error"]],
+                marker="*",
+                markersize=14,
+                color="tab:red",
+                linestyle="none",
+                label="paper",
+            )
+        if chosen is not None:
+            ax.plot(
+                [chosen[key]],
+                [100 * chosen["test_error"]],
+                marker="o",
+                markersize=14,
+                markerfacecolor="none",
+                markeredgecolor="black",
+                linestyle="none",
+                label="chosen (validation)",
+            )
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel(f"compression rate {name} (x)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("test error (%)")
+    axes[1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     _save(fig, path)
     return fig

@@ -9,6 +9,10 @@ The same model code runs three ways:
 
 Both handlers record the guide's distribution of every site while the guide runs, and answer the
 layers' ``"preactivation"`` messages (see :data:`pyro_bc.nn.preactivation`) from those records.
+Since the layers compute their outputs from these distributions, the guide's sites that nothing
+else reads are not drawn: weights and biases take their means, and group-scale sites with a
+closed-form KL (:data:`pyro_bc.nn.SCALE_ROLE`) a placeholder of ones. Sites whose KL is Monte
+Carlo are drawn as usual.
 Run the guide and the model inside the same handler, as ``SVI.step`` and :func:`pyro_bc.fit` do.
 
 Example::
@@ -22,8 +26,7 @@ from __future__ import annotations
 from pyro.poutine.messenger import Messenger
 
 from .distributions import normal_moments
-from .nn import WEIGHT_ROLE
-from .priors import draw_group_scale
+from .nn import SCALE_ROLE, WEIGHT_ROLE
 
 
 class _PosteriorRecorder(Messenger):
@@ -37,9 +40,13 @@ class _PosteriorRecorder(Messenger):
         if msg["done"] or msg["is_observed"] or msg["value"] is not None:
             return
         self.posteriors[msg["name"]] = msg["fn"]
-        if msg["infer"].get("bc_role") == WEIGHT_ROLE:
-            # Layers compute their outputs from this distribution, so a draw would be wasted.
+        role = msg["infer"].get("bc_role")
+        # Layers compute their outputs from these distributions, so a draw would be wasted.
+        if role == WEIGHT_ROLE:
             msg["value"] = msg["fn"].mean
+            msg["done"] = True
+        elif role == SCALE_ROLE:
+            msg["value"] = msg["infer"]["bc_placeholder"]
             msg["done"] = True
 
     def _layer_posterior(self, layer):
@@ -70,9 +77,7 @@ class LocalReparameterizationMessenger(_PosteriorRecorder):
     def _pyro_preactivation(self, msg):
         layer, x = msg["args"][:2]
         weight_loc, weight_var, bias_loc, bias_var = self._layer_posterior(layer)
-        z = draw_group_scale(
-            layer.prior, layer.site(), layer.num_groups, self.posteriors, x.shape[0]
-        )
+        z = layer.prior.draw_scale(layer.site(), layer.num_groups, self.posteriors, x.shape[0])
         msg["value"] = layer.sample_output(x, z, weight_loc, weight_var, bias_loc, bias_var)
         msg["done"] = True
 
@@ -91,8 +96,9 @@ class PosteriorMeanMessenger(_PosteriorRecorder):
 def local_reparameterization(fn=None):
     """Local reparameterization as an effect handler.
 
-    Inside it, the guide's weight sites are not sampled; each Bayesian layer samples its output
-    ``N(mean, var)`` from the guide's distributions instead, drawing the group scale per example.
+    Inside it, the guide's weight sites (and scale sites with a closed-form KL) are not sampled;
+    each Bayesian layer samples its output ``N(mean, var)`` from the guide's distributions
+    instead, drawing the group scale per example (:meth:`pyro_bc.priors.GroupPrior.draw_scale`).
 
     Example::
 

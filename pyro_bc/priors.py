@@ -26,6 +26,7 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
+from torch.distributions import LogNormal
 
 from .distributions import ImproperLogUniform, unwrap
 
@@ -41,18 +42,27 @@ class _PosteriorDraws(Messenger):
         self.sample_shape = torch.Size(sample_shape)
 
     def _pyro_sample(self, msg):
-        name = msg["name"]
-        if name not in self.posteriors:
-            raise KeyError(
-                f"no guide distribution recorded for site {name!r}: run the guide inside the "
-                "same pyro_bc.poutine handler as the model"
-            )
-        value = self.posteriors[name].rsample(self.sample_shape)
-        if value.dim() == len(self.sample_shape):
-            # A scalar site (e.g. a layer's global scale) broadcasts against the groups.
-            value = value.unsqueeze(-1)
-        msg["value"] = value
+        msg["value"] = _draw(self.posteriors, msg["name"], self.sample_shape)
         msg["done"] = True
+
+
+def _posterior(posteriors, site):
+    try:
+        return posteriors[site]
+    except KeyError:
+        raise KeyError(
+            f"no guide distribution recorded for site {site!r}: run the guide inside the "
+            "same pyro_bc.poutine handler as the model"
+        ) from None
+
+
+def _draw(posteriors, site, sample_shape):
+    """Draws ``sample_shape`` values of ``site`` from its guide distribution in ``posteriors``."""
+    value = _posterior(posteriors, site).rsample(sample_shape)
+    if value.dim() == len(sample_shape):
+        # A scalar site (e.g. a layer's global scale) broadcasts against the groups.
+        value = value.unsqueeze(-1)
+    return value
 
 
 def draw_group_scale(prior, name, num_groups, posteriors, num_draws):
@@ -110,10 +120,12 @@ def posterior_device(posteriors: dict):
 class GroupPrior:
     """Base class of the built-in priors and the wrapper of user functions.
 
-    Subclasses implement :meth:`__call__` (the Pyro model) and may override :meth:`guide_init`
-    (initial values of the guide's parameters for one site) and :meth:`scale_moments` (posterior
-    mean and variance of the group scale given the guide's distributions). The defaults work for
-    any prior: moments by Monte Carlo through :func:`draw_group_scale`.
+    Subclasses implement :meth:`__call__` (the Pyro model) and may override
+    :meth:`guide_family` (the guide's family at one site), :meth:`guide_init` (initial values of
+    the guide's parameters for one site) and :meth:`scale_moments` (posterior mean and variance
+    of the group scale given the guide's distributions). The defaults work for any prior: the
+    family that matches each site's support, moments by Monte Carlo through
+    :func:`draw_group_scale`.
     """
 
     #: how far apart (in units of the pruning quantity) the kept and the pruned mode of a layer's
@@ -124,9 +136,43 @@ class GroupPrior:
     def __call__(self, name: str, num_groups: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def guide_family(self, site: str, support) -> str | None:
+        """The name of the guide's family at ``site`` (support ``support``), or None for the
+        default: ``"normal"`` on the real line, ``"lognormal"`` on ``(0, inf)``,
+        ``"logitnormal"`` on ``(0, 1)`` (:data:`pyro_bc.guides.GUIDE_FAMILIES`).
+
+        Any family whose draws lie in the support may be chosen, e.g. a log-normal for a scale
+        whose prior is on the whole real line. :func:`pyro_bc.kl_audit` shows which of the
+        resulting (guide, prior) pairs have a closed-form KL.
+
+        Example::
+
+            class SpikeAndSlab(GroupPrior):
+                def __call__(self, name, num_groups):
+                    gate = dist.Beta(torch.full((num_groups,), 0.2), 1.0).to_event(1)
+                    return pyro.sample(f"{name}.gate", gate)
+
+                def guide_family(self, site, support):
+                    return "logitnormal"  # the default for (0, 1), written out
+        """
+        return None
+
     def guide_init(self, site: str, shape: torch.Size) -> dict | None:
         """Initial ``loc`` and ``log_var`` of the guide at ``site``, or None for the defaults."""
         return None
+
+    def draw_scale(self, name: str, num_groups: int, posteriors: dict, num_draws: int):
+        """The group scale drawn ``num_draws`` times from the guide: ``(num_draws, num_groups)``.
+
+        Local reparameterization draws it once per example of every batch. The default reruns
+        the prior's Pyro model (:func:`draw_group_scale`); the built-in priors override it with
+        the same distribution drawn directly from the guide's factors, which is cheaper.
+
+        Example::
+
+            z = layer.prior.draw_scale("fc1", 784, guide.distributions(), num_draws=128)
+        """
+        return draw_group_scale(self, name, num_groups, posteriors, num_draws)
 
     def scale_moments(self, name: str, num_groups: int, posteriors: dict):
         """Posterior mean and variance of the group scale, each of shape ``(num_groups,)``.
@@ -173,6 +219,14 @@ class GroupPrior:
         mean, var = self.scale_moments(name, num_groups, posteriors)
         return var.log() - mean.pow(2).log()
 
+    def _built(self, key, build):
+        """``build()``, called once per ``key``: a prior's distributions are the same at every
+        step, and building them costs as much as the rest of its model."""
+        built = self.__dict__.setdefault("_distributions", {})
+        if key not in built:
+            built[key] = build()
+        return built[key]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -217,13 +271,20 @@ class GroupNormalJeffreys(GroupPrior):
     """
 
     def __call__(self, name, num_groups):
-        return pyro.sample(f"{name}.scale", ImproperLogUniform().expand([num_groups]).to_event(1))
+        prior = self._built(
+            num_groups, lambda: ImproperLogUniform().expand([num_groups]).to_event(1)
+        )
+        return pyro.sample(f"{name}.scale", prior)
 
     def guide_init(self, site, shape):
         return {
             "loc": 1.0 + 0.01 * torch.randn(shape),
             "log_var": -9.0 + 0.01 * torch.randn(shape),
         }
+
+    def draw_scale(self, name, num_groups, posteriors, num_draws):
+        # the same draws (and random numbers) as draw_group_scale, without rerunning the model
+        return _posterior(posteriors, f"{name}.scale").rsample((num_draws,))
 
     def scale_moments(self, name, num_groups, posteriors):
         q = unwrap(posteriors[f"{name}.scale"])
@@ -269,15 +330,24 @@ class GroupHorseshoe(GroupPrior):
         self.tau0 = tau0
 
     def __call__(self, name, num_groups):
-        half = torch.tensor(0.5)
-        s_a = pyro.sample(f"{name}.global_a", dist.Gamma(half, torch.tensor(self.tau0**-2)))
-        s_b = pyro.sample(f"{name}.global_b", dist.InverseGamma(half, torch.tensor(1.0)))
-        local = torch.full((num_groups,), 0.5)
-        a = pyro.sample(f"{name}.local_a", dist.Gamma(local, torch.ones(num_groups)).to_event(1))
-        b = pyro.sample(
-            f"{name}.local_b", dist.InverseGamma(local, torch.ones(num_groups)).to_event(1)
+        global_a, global_b, local_a, local_b = self._built(
+            (num_groups, self.tau0), lambda: self._factor_priors(num_groups)
         )
+        s_a = pyro.sample(f"{name}.global_a", global_a)
+        s_b = pyro.sample(f"{name}.global_b", global_b)
+        a = pyro.sample(f"{name}.local_a", local_a)
+        b = pyro.sample(f"{name}.local_b", local_b)
         return (s_a * s_b * a * b).sqrt()
+
+    def _factor_priors(self, num_groups):
+        half = torch.tensor(0.5)
+        local = torch.full((num_groups,), 0.5)
+        return (
+            dist.Gamma(half, torch.tensor(self.tau0**-2)),
+            dist.InverseGamma(half, torch.tensor(1.0)),
+            dist.Gamma(local, torch.ones(num_groups)).to_event(1),
+            dist.InverseGamma(local, torch.ones(num_groups)).to_event(1),
+        )
 
     def guide_init(self, site, shape):
         log_tau0_sq = 2 * math.log(self.tau0)
@@ -301,6 +371,30 @@ class GroupHorseshoe(GroupPrior):
         mean = sum(f.loc for f in factors) / 2
         var = sum(f.scale.pow(2) for f in factors) / 4
         return mean, var
+
+    def draw_scale(self, name, num_groups, posteriors, num_draws):
+        horseshoe = self._draw_horseshoe(name, num_groups, posteriors, num_draws)
+        if horseshoe is None:
+            return draw_group_scale(self, name, num_groups, posteriors, num_draws)
+        return horseshoe
+
+    def _draw_horseshoe(self, name, num_groups, posteriors, num_draws):
+        """The horseshoe's scale drawn from log-normal factors; None for other guide families."""
+        factors = [
+            unwrap(_posterior(posteriors, f"{name}.{part}"))
+            for part in ("global_a", "global_b", "local_a", "local_b")
+        ]
+        if not all(isinstance(f, LogNormal) for f in factors):
+            return None
+        # Under log-normal factors, 2 log z_i is a global Normal shared by the groups plus a
+        # Normal per group: two draws instead of the model's four give the same joint law.
+        global_a, global_b, local_a, local_b = factors
+        loc = global_a.loc + global_b.loc + local_a.loc + local_b.loc
+        global_sd = (global_a.scale.pow(2) + global_b.scale.pow(2)).sqrt()
+        local_sd = (local_a.scale.pow(2) + local_b.scale.pow(2)).sqrt()
+        eps_global = loc.new_empty((num_draws, 1)).normal_()
+        eps_local = loc.new_empty((num_draws, num_groups)).normal_()
+        return (0.5 * (loc + eps_global * global_sd + eps_local * local_sd)).exp()
 
     def scale_moments(self, name, num_groups, posteriors):
         m, v = self.log_scale_posterior(name, posteriors)
@@ -340,16 +434,28 @@ class RegularizedHorseshoe(GroupHorseshoe):
 
     def __call__(self, name, num_groups):
         horseshoe = super().__call__(name, num_groups)
-        shape = torch.tensor(self.slab_df / 2)
-        c2 = pyro.sample(f"{name}.slab", dist.InverseGamma(shape, shape * self.slab_scale**2))
+        slab = self._built(("slab", self.slab_df, self.slab_scale), self._slab_prior)
+        c2 = pyro.sample(f"{name}.slab", slab)
         h2 = horseshoe.pow(2)
         return (c2 * h2 / (c2 + h2)).sqrt()
+
+    def _slab_prior(self):
+        shape = torch.tensor(self.slab_df / 2)
+        return dist.InverseGamma(shape, shape * self.slab_scale**2)
 
     def guide_init(self, site, shape):
         if site.endswith(".slab"):
             loc = 2 * math.log(self.slab_scale)
             return {"loc": torch.full(shape, loc), "log_var": torch.full(shape, -9.0)}
         return super().guide_init(site, shape)
+
+    def draw_scale(self, name, num_groups, posteriors, num_draws):
+        horseshoe = self._draw_horseshoe(name, num_groups, posteriors, num_draws)
+        if horseshoe is None:
+            return draw_group_scale(self, name, num_groups, posteriors, num_draws)
+        h2 = horseshoe.pow(2)
+        c2 = _draw(posteriors, f"{name}.slab", (num_draws,))
+        return (c2 * h2 / (c2 + h2)).sqrt()
 
     scale_moments = GroupPrior.scale_moments
 

@@ -9,6 +9,7 @@ from pyro_bc.elbo import MeanFieldELBO
 from pyro_bc.models import LeNet300100
 from pyro_bc.nn import BayesianLinear, BayesianNetwork
 from pyro_bc.poutine import local_reparameterization
+from pyro_bc.priors import GroupHorseshoe, RegularizedHorseshoe
 
 
 def half_cauchy_groups(name, num_groups):
@@ -17,7 +18,11 @@ def half_cauchy_groups(name, num_groups):
 
 
 @pytest.mark.parametrize("validate", [False, True])
-@pytest.mark.parametrize("prior", [None, half_cauchy_groups])
+@pytest.mark.parametrize(
+    "prior",
+    [None, GroupHorseshoe(), RegularizedHorseshoe(), half_cauchy_groups],
+    ids=lambda p: getattr(p, "__name__", repr(p)),
+)
 def test_same_loss_and_gradients_as_trace_mean_field(prior, validate):
     model = BayesianNetwork(
         [torch.nn.Flatten(), BayesianLinear(16, 8, prior=prior), BayesianLinear(8, 3, prior=prior)],

@@ -1,16 +1,21 @@
 import math
+from collections import OrderedDict
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import TraceMeanField_ELBO
+from torch.distributions import constraints
+from torch.distributions.transforms import AffineTransform, SigmoidTransform
 
 import pyro_bc
+from pyro_bc.distributions import LogitNormal
+from pyro_bc.guides import GUIDE_FAMILIES, register_guide_family
 from pyro_bc.models import LeNet5Caffe, LeNet300100
-from pyro_bc.nn import BayesianLinear
+from pyro_bc.nn import BayesianLinear, BayesianNetwork
 from pyro_bc.poutine import posterior_mean
-from pyro_bc.priors import GroupHorseshoe, GroupNormalJeffreys, GroupPrior
+from pyro_bc.priors import FunctionPrior, GroupHorseshoe, GroupNormalJeffreys, GroupPrior
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 
@@ -193,3 +198,182 @@ def test_pyro_svi_trains_the_guide():
     losses = [svi.step(x) for _ in range(20)]
     assert not torch.equal(guide.layers[0].weight.loc.detach(), before)
     assert losses[-1] < losses[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Guide families: priors choose the family of each site
+
+
+def spike_and_slab(name, num_groups):
+    """A relaxed spike-and-slab: a global log-normal slab times a Beta gate per group."""
+    tau = pyro.sample(f"{name}.tau", dist.LogNormal(0.0, 1.0))
+    ones = torch.ones(num_groups)
+    gate = pyro.sample(f"{name}.gate", dist.Beta(0.5 * ones, ones).to_event(1))
+    return tau * gate
+
+
+def test_a_unit_interval_site_gets_the_logit_normal_family():
+    guide = pyro_bc.StructuredGuide(BayesianLinear(6, 3, prior=spike_and_slab))
+    dists = guide.distributions()
+    gate = dists["BayesianLinear.gate"]
+    assert isinstance(gate.base_dist, LogitNormal)
+    assert isinstance(dists["BayesianLinear.tau"], dist.LogNormal)
+    draws = gate.rsample((1000,))
+    assert draws.shape == (1000, 6) and bool(((draws > 0) & (draws < 1)).all())
+    # the default loc of the family: median sigmoid(0) = 1/2, tiny initial variance
+    torch.testing.assert_close(draws.median(0).values, torch.full((6,), 0.5), atol=1e-2, rtol=0)
+
+
+def test_the_audit_names_the_beta_site_as_monte_carlo():
+    layer = BayesianLinear(6, 3, prior=spike_and_slab)
+    audit = pyro_bc.kl_audit(layer, pyro_bc.StructuredGuide(layer), torch.randn(4, 6))
+    assert audit.monte_carlo_sites == ["BayesianLinear.gate"]
+    (gate,) = [r for r in audit if r.name == "BayesianLinear.gate"]
+    assert gate.guide_dist == "Independent(LogitNormal, 1)"
+    assert gate.model_dist == "Independent(Beta, 1)"
+
+
+def test_a_logit_normal_prior_keeps_a_closed_form_kl():
+    def logit_normal_gates(name, num_groups):
+        base = dist.Normal(torch.full((num_groups,), 2.0), torch.ones(num_groups))
+        prior = dist.TransformedDistribution(base, SigmoidTransform()).to_event(1)
+        return pyro.sample(f"{name}.gate", prior)
+
+    layer = BayesianLinear(5, 2, prior=logit_normal_gates)
+    guide = pyro_bc.StructuredGuide(layer)
+    with torch.no_grad():
+        factor = guide.layers[0].scale_factors[0]
+        factor.loc.copy_(torch.linspace(-1, 1, 5))
+        factor.log_var.fill_(math.log(0.25))
+    audit = pyro_bc.kl_audit(layer, guide, torch.randn(4, 5))
+    (record,) = [r for r in audit if r.name == "BayesianLinear.gate"]
+    assert record.closed_form
+    # KL(N(m, 1/4) || N(2, 1)) summed over the groups: the sigmoid cancels
+    m = torch.linspace(-1, 1, 5)
+    expected = (0.5 * (0.25 + (m - 2) ** 2 - 1 - math.log(0.25))).sum().item()
+    assert record.kl == pytest.approx(expected, rel=1e-5)
+
+
+def test_scale_moments_of_a_logit_normal_gate_match_quadrature():
+    def gates(name, num_groups):
+        ones = torch.ones(num_groups)
+        return pyro.sample(f"{name}.gate", dist.Beta(ones, ones).to_event(1))
+
+    prior = FunctionPrior(gates)
+    loc, sd = torch.tensor([-2.0, 0.0, 1.5]), torch.tensor([0.3, 1.0, 2.0])
+    q = LogitNormal(loc, sd).to_event(1)
+    mean, var = prior.scale_moments("fc", 3, {"fc.gate": q})
+    # E[sigmoid(x)] and Var by the trapezoid rule over x ~ N(loc, sd^2)
+    x = loc + sd * torch.linspace(-10, 10, 20001, dtype=torch.float64)[:, None]
+    density = torch.exp(-0.5 * ((x - loc) / sd) ** 2) / (sd * math.sqrt(2 * math.pi))
+    s = torch.sigmoid(x)
+    exact_mean = torch.trapezoid(s * density, x, dim=0)
+    exact_var = torch.trapezoid(s**2 * density, x, dim=0) - exact_mean**2
+    # Monte Carlo with 4,096 draws: a few standard errors
+    stderr = (exact_var / 4096).sqrt()
+    assert bool(((mean.double() - exact_mean).abs() < 4 * stderr).all()), (mean, exact_mean)
+    torch.testing.assert_close(var.double(), exact_var, rtol=0.1, atol=0)
+
+
+class GatedScales(GroupPrior):
+    """Chooses its families: a log-normal for a real-line site, the logit-normal for the gate."""
+
+    def __call__(self, name, num_groups):
+        ones = torch.ones(num_groups)
+        scale = pyro.sample(f"{name}.scale", dist.Normal(ones, ones).to_event(1))
+        gate = pyro.sample(f"{name}.gate", dist.Beta(ones, ones).to_event(1))
+        return scale * gate
+
+    def guide_family(self, site, support):
+        return {"scale": "lognormal", "gate": "logitnormal"}[site.rsplit(".", 1)[-1]]
+
+
+def test_a_prior_chooses_the_family_of_each_site():
+    dists = pyro_bc.StructuredGuide(BayesianLinear(4, 2, prior=GatedScales())).distributions()
+    assert isinstance(dists["BayesianLinear.scale"].base_dist, dist.LogNormal)
+    assert isinstance(dists["BayesianLinear.gate"].base_dist, LogitNormal)
+
+
+@pytest.mark.parametrize(
+    "family, message",
+    [("cauchy", r"BayesianLinear\.gate.*'cauchy'.*known families"), ("normal", "outside")],
+)
+def test_a_bad_family_choice_names_the_site(family, message):
+    class Chooser(GatedScales):
+        def guide_family(self, site, support):
+            return family if site.endswith(".gate") else "lognormal"
+
+    with pytest.raises(ValueError, match=message):
+        pyro_bc.StructuredGuide(BayesianLinear(4, 2, prior=Chooser()))
+
+
+def test_a_support_without_a_family_says_how_to_add_one():
+    def uniform_scales(name, num_groups):
+        prior = dist.Uniform(torch.zeros(num_groups), 2.0).to_event(1)
+        return pyro.sample(f"{name}.scale", prior)
+
+    with pytest.raises(ValueError, match=r"BayesianLinear\.scale.*register_guide_family"):
+        pyro_bc.StructuredGuide(BayesianLinear(4, 2, prior=uniform_scales))
+    try:
+        register_guide_family(
+            "logitnormal02",
+            [SigmoidTransform(), AffineTransform(0.0, 2.0)],
+            constraints.interval(0.0, 2.0),
+        )
+        guide = pyro_bc.StructuredGuide(BayesianLinear(4, 2, prior=uniform_scales))
+        draws = guide.distributions()["BayesianLinear.scale"].rsample((500,))
+        assert bool(((draws > 0) & (draws < 2)).all()) and draws.max() > 1
+    finally:
+        GUIDE_FAMILIES.pop("logitnormal02", None)
+    with pytest.raises(ValueError, match="'normal' is a built-in"):
+        register_guide_family("normal", SigmoidTransform(), constraints.unit_interval)
+
+
+def test_a_beta_gated_network_trains_with_svi_and_compresses():
+    # two informative inputs of eight: the label is the sign of x0 - x1
+    torch.manual_seed(0)
+    x = torch.randn(512, 8)
+    y = (x[:, 0] > x[:, 1]).long()
+    model = BayesianNetwork(
+        OrderedDict(
+            fc1=BayesianLinear(8, 16, prior=spike_and_slab),
+            relu=torch.nn.ReLU(),
+            fc2=BayesianLinear(16, 2, prior=spike_and_slab),
+        ),
+        dataset_size=len(x),
+        input_shape=(8,),
+    )
+    guide = pyro_bc.StructuredGuide(model)
+    gate = guide.layers[0].scale_factors[1]
+    assert gate.family == "logitnormal"
+    before = gate.loc.detach().clone()
+    loader = [(x[i : i + 64], y[i : i + 64]) for i in range(0, len(x), 64)]
+    history = pyro_bc.fit(model, guide, loader, epochs=30, lr=0.02, seed=0, progress=False)
+    losses = [record["loss"] for record in history.epochs]
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
+    assert not torch.equal(gate.loc.detach(), before)
+    assert pyro_bc.evaluate(model, guide, loader)["error"] < 0.1
+    compressed = pyro_bc.compress(guide, -1.0, bits=None)
+    # compression reads the scale's moments by Monte Carlo (GroupPrior.scale_moments)
+    with torch.no_grad():
+        dense = pyro_bc.predict_logits(model, guide, x)
+        torch.testing.assert_close(compressed(x), dense, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("prior", [GroupNormalJeffreys, GroupHorseshoe])
+def test_init_from_with_rescale_keeps_the_pruning_quantity(prior):
+    # small trained weights (RMS 0.03) must not start the groups past the pruning threshold
+    torch.manual_seed(0)
+    model = LeNet300100(prior=prior())
+    guide = pyro_bc.StructuredGuide(model)
+    twin = LeNet300100.deterministic()
+    with torch.no_grad():
+        for module in twin.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0.0, 0.03)
+    before = {name: m.log_alpha.clone() for name, m in pyro_bc.group_masks(guide, -3).items()}
+    guide.init_from(twin, rescale=True)
+    after = pyro_bc.group_masks(guide, -3)
+    for name, m in after.items():
+        torch.testing.assert_close(m.log_alpha, before[name], atol=0.05, rtol=0)
+        assert bool(m.groups_kept.all()), name

@@ -1,6 +1,7 @@
 import math
 from collections import OrderedDict
 
+import matplotlib.colors
 import numpy as np
 import pytest
 import torch
@@ -230,3 +231,75 @@ def test_figures_are_not_registered_with_pyplot():
     plots.pruning_histograms(guide)
     plots.weight_matrices(guide)
     assert plt.get_fignums() == before
+
+
+def test_tradeoff_draws_every_point_the_paper_and_the_choice(tmp_path):
+    budget = [
+        {"pruning_rate": 8.0, "precision_rate": 30.0, "test_error": 0.017},
+        {"pruning_rate": 12.0, "precision_rate": 50.0, "test_error": 0.019},
+    ]
+    threshold = [{"pruning_rate": r, "precision_rate": 4 * r, "test_error": 0.02} for r in (2, 5)]
+    paper = {"pruning_rate": 9.3, "precision_rate": None, "test_error": 0.018}
+    fig = plots.tradeoff(
+        {"budget": budget, "threshold": threshold},
+        paper=paper,
+        chosen=budget[1],
+        path=tmp_path / "tradeoff.png",
+    )
+    assert (tmp_path / "tradeoff.png").stat().st_size > 0
+    pruning, precision = fig.axes
+    lines = {line.get_label(): line for line in pruning.get_lines()}
+    assert list(lines["budget"].get_xdata()) == [8.0, 12.0]
+    assert list(lines["budget"].get_ydata()) == pytest.approx([1.7, 1.9])
+    assert lines["paper"].get_xdata()[0] == 9.3
+    assert lines["chosen (validation)"].get_xdata()[0] == 12.0
+    # the paper gives no rate after precision here: no star on that panel
+    assert "paper" not in {line.get_label() for line in precision.get_lines()}
+
+
+def test_error_vs_bits_marks_the_chance_plateau_with_a_tick():
+    _, guide = _tiny()
+    sweep = plots.bit_sweep(guide, _loader(), bits=[0, 4])
+    assert sweep.num_classes == 3
+    assert sweep.chance_error == pytest.approx(2 / 3)
+    (ax,) = plots.error_vs_bits(sweep).axes
+    chance = [line for line in ax.lines if line.get_label().startswith("chance")]
+    assert len(chance) == 1 and chance[0].get_ydata()[0] == pytest.approx(200 / 3)
+    assert any(tick == pytest.approx(200 / 3) for tick in ax.get_yticks())
+    low, high = ax.get_ylim()
+    assert low < 200 / 3 < high
+    # a sweep without the number of classes (e.g. made by hand) has no chance line
+    bare = plots.BitSweep(bits=[0, 4], errors=[0.5, 0.1], auto_mean_bits=4, auto_error=0.1)
+    (ax,) = plots.error_vs_bits(bare).axes
+    assert not [line for line in ax.lines if line.get_label().startswith("chance")]
+
+
+def _colours(fig):
+    (ax,) = [a for a in fig.axes if a.get_images()]
+    (image,) = ax.get_images()
+    return ax, image.to_rgba(image.get_array())[..., :3].reshape(-1, 3)
+
+
+def test_kept_inputs_draws_a_layer_that_keeps_everything_in_the_kept_colour():
+    model = BayesianNetwork(
+        OrderedDict(flatten=nn.Flatten(), fc1=BayesianLinear(16, 3)), input_shape=(1, 4, 4)
+    )
+    guide = pyro_bc.StructuredGuide(model)  # at its initialisation every input is kept
+    ax, colours = _colours(plots.kept_inputs(guide))
+    kept = np.array(matplotlib.colors.to_rgb(plots.KEPT_COLOR))
+    np.testing.assert_allclose(colours, np.tile(kept, (16, 1)), atol=1e-6)
+    assert "16 of 16" in ax.get_title()
+
+
+def test_kept_inputs_draws_pruned_inputs_in_grey():
+    _, guide = _tiny()
+    # fc1's 36 inputs are conv1's 4 filters x 3 x 3: filter 1 and inputs 0, 20, 30 pruned
+    ax, colours = _colours(plots.kept_inputs(guide, layer="fc1", image_shape=(6, 6)))
+    grey = np.array(plots.PRUNED_RGBA[:3])
+    pruned = np.all(np.isclose(colours, grey, atol=1e-6), axis=1)
+    assert sorted(np.flatnonzero(pruned)) == FC1_PRUNED_COLUMNS
+    assert f"{36 - len(FC1_PRUNED_COLUMNS)} of 36" in ax.get_title()
+    with pytest.raises(ValueError, match="conv1.*convolution"):
+        plots.kept_inputs(guide)
+    with pytest.raises(ValueError, match="fc1.*image_shape"):
+        plots.kept_inputs(guide, layer="fc1")

@@ -1,6 +1,7 @@
 """The handlers against the analytic moments of the pre-activation under the guide."""
 
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,7 @@ import pyro_bc
 from pyro_bc.models import LeNet300100
 from pyro_bc.nn import BayesianConv2d, BayesianLinear
 from pyro_bc.poutine import local_reparameterization, posterior_mean
+from pyro_bc.priors import GroupHorseshoe
 
 
 def _spread_guide(guide):
@@ -150,3 +152,25 @@ def test_local_reparameterization_lowers_gradient_variance():
     sampled = gradients(pyro.poutine.messenger.Messenger)
     print(f"gradient variance, weight sampling / local reparameterization: {sampled / lrt:.1f}")
     assert sampled > 2 * lrt
+
+
+def _half_cauchy_groups(name, num_groups):
+    # no closed-form KL with a log-normal guide: the ELBO needs a drawn value
+    return pyro.sample(f"{name}.lam", dist.HalfCauchy(torch.ones(num_groups)).to_event(1))
+
+
+@pytest.mark.parametrize("handler", [local_reparameterization, posterior_mean])
+def test_handlers_draw_scale_sites_only_where_the_elbo_needs_a_value(handler):
+    closed = BayesianLinear(4, 2, prior=GroupHorseshoe())
+    monte_carlo = BayesianLinear(4, 2, prior=_half_cauchy_groups)
+    for layer, drawn in ((closed, False), (monte_carlo, True)):
+        guide = _spread_guide(pyro_bc.StructuredGuide(layer))
+        with handler():
+            trace = pyro.poutine.trace(guide).get_trace()
+        for factor in guide.layers[0].scale_factors:
+            value = trace.nodes[factor.site]["value"]
+            # undrawn sites hold a placeholder of ones; a draw from a spread guide never does
+            assert (value != 1).any() == drawn, factor.site
+    # without a handler the guide is an ordinary Pyro guide: every site is drawn
+    trace = pyro.poutine.trace(_spread_guide(pyro_bc.StructuredGuide(closed))).get_trace()
+    assert (trace.nodes[f"{closed.site()}.local_a"]["value"] != 1).all()

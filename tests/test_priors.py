@@ -8,6 +8,7 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 
 import pyro_bc
+from pyro_bc.distributions import unwrap
 from pyro_bc.models import LeNet5Caffe
 from pyro_bc.nn import BayesianLinear
 from pyro_bc.poutine import local_reparameterization
@@ -166,3 +167,75 @@ def test_unregistered_custom_prior_trains_with_monte_carlo_kl():
     loader = [(x, y)] * 20
     history = pyro_bc.fit(model, guide, loader, epochs=2, lr=1e-2, progress=False)
     assert all(math.isfinite(v) for v in history["loss"])
+
+
+def _moments(draws):
+    """Means and variances of the groups, the covariance of groups 0 and 1, and their standard
+    errors, from draws of shape (n, groups)."""
+    draws = draws.detach().double()
+    n = draws.shape[0]
+    centred = draws - draws.mean(0)
+    squares = centred.pow(2)
+    product = centred[:, 0] * centred[:, 1]
+    values = (draws.mean(0), squares.mean(0), product.mean())
+    errors = ((squares.mean(0) / n).sqrt(), (squares.var(0) / n).sqrt(), (product.var() / n).sqrt())
+    return values, errors
+
+
+def _horseshoe_closed_form(prior, name, posteriors):
+    """Mean and variance of each group's scale and the covariance of groups 0 and 1: log z is
+    Normal, and groups share the global factors' half of it."""
+    mean, var = (m.double() for m in prior.scale_moments(name, 6, posteriors))
+    global_var = sum(unwrap(posteriors[f"{name}.{p}"]).scale ** 2 for p in ("global_a", "global_b"))
+    covariance = mean[0] * mean[1] * torch.expm1(global_var.double() / 4)
+    return mean, var, covariance
+
+
+@pytest.mark.parametrize("prior", BUILT_IN, ids=repr)
+def test_fast_scale_draws_have_the_model_s_distribution(prior):
+    # draw_scale skips rerunning the prior's model: by Monte Carlo its draws must have the same
+    # means, variances and covariance between groups (the horseshoe's global factors are shared)
+    # as the generic path's, and as the closed forms where there are some.
+    layer = BayesianLinear(6, 2, prior=prior)
+    guide = _guide_with_spread(layer)
+    posteriors = guide.distributions()
+    name, n = layer.site(), 200_000
+    with torch.no_grad():
+        fast, fast_se = _moments(prior.draw_scale(name, 6, posteriors, n))
+        generic, generic_se = _moments(draw_group_scale(prior, name, 6, posteriors, n))
+    for a, b, se_a, se_b in zip(fast, generic, fast_se, generic_se, strict=True):
+        assert ((a - b).abs() <= 5 * (se_a**2 + se_b**2).sqrt()).all()
+    if isinstance(prior, RegularizedHorseshoe):
+        return  # no closed form
+    if isinstance(prior, GroupHorseshoe):
+        expected = _horseshoe_closed_form(prior, name, posteriors)
+    else:
+        q = unwrap(posteriors[f"{name}.scale"])
+        expected = (q.loc.double(), q.variance.double(), torch.tensor(0.0, dtype=torch.double))
+    for value, se, exact in zip(fast, fast_se, expected, strict=True):
+        assert ((value - exact.detach()).abs() <= 5 * se).all()
+
+
+def test_fast_normal_jeffreys_draws_are_the_generic_draws():
+    # one site, drawn the same way: the same random numbers give the same scales
+    prior = GroupNormalJeffreys()
+    layer = BayesianLinear(6, 2, prior=prior)
+    posteriors = _guide_with_spread(layer).distributions()
+    torch.manual_seed(3)
+    fast = prior.draw_scale(layer.site(), 6, posteriors, 5)
+    torch.manual_seed(3)
+    generic = draw_group_scale(prior, layer.site(), 6, posteriors, 5)
+    torch.testing.assert_close(fast, generic, rtol=0, atol=0)
+
+
+def test_horseshoe_with_other_guide_families_falls_back_to_the_model():
+    prior = GroupHorseshoe()
+    layer = BayesianLinear(3, 2, prior=prior)
+    posteriors = pyro_bc.StructuredGuide(layer).distributions()
+    name = layer.site()
+    # a Gamma guide of a local factor: not log-normal, so not the two-Normal shortcut
+    posteriors[f"{name}.local_a"] = dist.Gamma(torch.full((3,), 2.0), 2.0).to_event(1)
+    draws = prior.draw_scale(name, 3, posteriors, 4000)
+    assert draws.shape == (4000, 3) and (draws > 0).all()
+    with pytest.raises(KeyError, match="local_b"):
+        prior.draw_scale(name, 3, {k: v for k, v in posteriors.items() if "local_b" not in k}, 2)

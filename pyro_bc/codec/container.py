@@ -146,7 +146,7 @@ class Container:
             if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
                 raise self.error(f"tensor {key!r} needs exactly dtype, shape and data_offsets")
             dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-            if dtype not in ITEMSIZE:
+            if not isinstance(dtype, str) or dtype not in ITEMSIZE:
                 raise self.error(
                     f"tensor {key!r} has dtype {dtype!r}; a pyro_bc file holds only U8 and F32"
                 )

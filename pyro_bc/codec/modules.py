@@ -17,7 +17,7 @@ from torch import nn
 
 from ..fixed_point import MAX_FRACTION_BITS, MAX_WIDTH, dequantize, fixed_point_width, on_grid
 from ..gather import Gather
-from .bits import pack_bits, packed_size, unpack_bits
+from .bits import pack_bits, packed_size, unpack_chunks
 from .container import MAX_SIZE, is_int
 
 #: the largest |negative_slope| of a LeakyReLU a file may hold
@@ -274,14 +274,16 @@ class _WeightedCodec(ModuleCodec):
     def build(self, spec, container):
         name, shape = spec["name"], self.weight_shape(spec)
         raw = container.raw(f"{name}.weight")
-        if spec["frac_bits"] is None:
-            weight = torch.from_numpy(np.frombuffer(raw, "<f4").copy())
-        else:
-            q = unpack_bits(raw, math.prod(shape), spec["width"])
-            weight = dequantize(torch.from_numpy(q), spec["frac_bits"])
         layer = self.empty_layer(spec, shape)
+        # Straight into the layer's weights, a chunk at a time: the file's 1-bit integers would
+        # otherwise pass through int64 and float64 copies, 6x the network itself.
+        weight = layer.weight.detach().view(-1).numpy()
+        if spec["frac_bits"] is None:
+            weight[:] = np.frombuffer(raw, "<f4")
+        else:
+            for start, q in unpack_chunks(raw, len(weight), spec["width"]):
+                weight[start : start + len(q)] = dequantize(torch.from_numpy(q), spec["frac_bits"])
         with torch.no_grad():
-            layer.weight.copy_(weight.reshape(shape))
             if spec["bias"]:
                 bias = np.frombuffer(container.raw(f"{name}.bias"), "<f4").copy()
                 layer.bias.copy_(torch.from_numpy(bias))

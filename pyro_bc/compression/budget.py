@@ -6,10 +6,11 @@ within ``dense + max_error_increase``, ``dense`` being the validation error of t
 posterior-mean network:
 
 1. **Thresholds.** Each layer's groups are ranked by their pruning quantity; pruning the ``k``
-   highest is one threshold. Layers are visited largest first, and for each a bisection finds
-   the largest ``k`` whose network (float32 weights) stays within the budget, the other layers
-   fixed. Two passes: the first may spend half of the budget, the second all of it, so that the
-   first layer visited does not take it all.
+   highest is one threshold. Layers are visited in the order of the weights one more pruned
+   group removes (a group of fc2 also removes a row of fc1), and for each a bisection finds the
+   largest ``k`` whose network, quantized as ``bits`` says, stays within the budget, the other
+   layers fixed. Two passes: the first may spend half of the budget, the second all of it, so
+   that the first layer visited does not take it all.
 2. **Bits.** From the paper's bit-width rule, each layer's fraction bits are lowered (largest
    layer first, bisection) while the quantized network stays within the budget.
 
@@ -23,6 +24,7 @@ import math
 
 import torch
 
+from .bits import resolve_bits
 from .masks import plan_masks
 from .thinning import kept_parameters, thin
 
@@ -30,8 +32,9 @@ PASSES = (0.5, 1.0)
 
 
 class _Search:
-    def __init__(self, analysis, means, validation, allowed_error):
+    def __init__(self, analysis, means, validation, allowed_error, bits=None):
         self.analysis = analysis
+        self.bits = bits  # compress's bits argument, resolved for every candidate
         self.means = means
         self.validation = validation
         self.allowed = allowed_error
@@ -50,18 +53,32 @@ class _Search:
             keeps[site] = keep
         return keeps
 
-    def error(self, pruned: dict, bits: dict | None = None):
-        """Validation error of the network with ``pruned[site]`` groups pruned per layer, or
-        None when those masks leave a layer without inputs or outputs."""
+    def plans(self, pruned):
         try:
-            plans = plan_masks(self.analysis.chain, self.keeps(pruned))
-        except ValueError:
+            return plan_masks(self.analysis.chain, self.keeps(pruned))
+        except ValueError:  # a layer left without inputs or outputs
+            return None
+
+    def weights_kept(self, pruned):
+        plans = self.plans(pruned)
+        if plans is None:
+            return None
+        return sum(int(p.out_keep.sum()) * int(p.in_keep.sum()) for p in plans.values())
+
+    def error(self, pruned: dict, bits: dict | None = None):
+        """Validation error of the network with ``pruned[site]`` groups pruned per layer (with
+        ``bits``, or compress's bit rule for its kept weights), or None when those masks leave
+        a layer without inputs or outputs."""
+        plans = self.plans(pruned)
+        if plans is None:
             return None
         kept = {
             site: kept_parameters(self.analysis.summaries[site], plan, self.means.get(site))
             for site, plan in plans.items()
         }
-        frac_bits = bits or dict.fromkeys(plans)
+        if bits is None:
+            bits = resolve_bits(self.bits, {site: k[1] for site, k in kept.items()})
+        frac_bits = bits
         try:
             network, _ = thin(self.analysis.chain, plans, kept, frac_bits, self.analysis.shape)
         except ValueError:
@@ -74,18 +91,23 @@ class _Search:
         return error is not None and error <= limit
 
 
-def search_thresholds(analysis, means, validation, dense_error, max_error_increase):
+def search_thresholds(analysis, means, validation, dense_error, max_error_increase, bits="auto"):
     """``{site: k}``, the number of groups pruned per layer, and the thresholds they amount to
-    (``{site: (threshold, "budget")}``).
+    (``{site: (threshold, "budget")}``). ``bits`` is compress's argument.
 
     Example::
 
         pruned, thresholds = search_thresholds(analysis, {}, val_loader, 0.0158, 0.001)
     """
-    search = _Search(analysis, means, validation, dense_error + max_error_increase)
-    sizes = {site: s.weight_mean.numel() for site, s in analysis.summaries.items()}
-    visit = sorted(sizes, key=sizes.get, reverse=True)
-    pruned = dict.fromkeys(visit, 0)
+    search = _Search(analysis, means, validation, dense_error + max_error_increase, bits)
+    pruned = dict.fromkeys(analysis.summaries, 0)
+    everything = search.weights_kept(pruned)
+    # the weights one more pruned group of each layer removes from the whole network
+    gain = {
+        site: everything - (search.weights_kept({**pruned, site: 1}) or everything)
+        for site in pruned
+    }
+    visit = sorted(pruned, key=gain.get, reverse=True)
     for fraction in PASSES:
         limit = dense_error + fraction * max_error_increase
         for site in visit:

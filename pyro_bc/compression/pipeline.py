@@ -191,7 +191,7 @@ def compress(
         dense = evaluate(analysis.model, guide, validation)
         allowed = dense["error"] + max_error_increase
         pruned, analysis.thresholds = search_thresholds(
-            analysis, means, validation, dense["error"], max_error_increase
+            analysis, means, validation, dense["error"], max_error_increase, bits
         )
         keeps = {}
         for site, k in pruned.items():

@@ -194,7 +194,11 @@ def content_sha256(path: str | os.PathLike, read=None) -> str:
     key = _file_key(path)
     stamps = _read_stamps(path.parent)
     entry = stamps.get(path.name)
-    if isinstance(entry, dict) and {k: entry.get(k) for k in key} == key and "sha256" in entry:
+    if (
+        isinstance(entry, dict)
+        and {k: entry.get(k) for k in key} == key
+        and isinstance(entry.get("sha256"), str)  # a damaged stamp is hashed again, not trusted
+    ):
         return entry["sha256"]
     digest = hashlib.sha256(path.read_bytes() if read is None else read()).hexdigest()
     stamps[path.name] = {**key, "sha256": digest}
