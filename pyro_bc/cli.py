@@ -31,7 +31,7 @@ import torch
 
 from . import __version__, plots
 from . import datasets as bc_data
-from .checkpoint import CheckpointError, load_checkpoint, non_finite_entries
+from .checkpoint import CheckpointError, load_checkpoint
 from .codec import CompressedFileError
 from .compressed import CompressedNetwork
 from .compression import compress
@@ -506,15 +506,9 @@ def compress_checkpoint(args):
         )
     _, model, guide = build(model_name, prior_name, metadata.get("dataset_size"), **options)
     _check_threshold_layers(args.thresholds, model, model_name)
-    # checked against the guide: a checkpoint of another model is named in one line
+    # checked against the guide (a checkpoint of another model is named in one line) and for
+    # NaN or infinite values, which compress could not use
     state = load_checkpoint(args.checkpoint, guide)
-    bad = non_finite_entries(state["guide"])
-    if bad:
-        raise CommandError(
-            f"{args.checkpoint}: the guide's {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"
-            " hold NaN or infinite values, so it cannot be compressed; use an earlier "
-            "checkpoint or train again with a lower --lr"
-        )
     guide.load_state_dict(state["guide"])
     if state.get("model"):
         model.load_state_dict(state["model"])

@@ -303,7 +303,7 @@ def error_cases(run_folder, tmp):
         (["run", "--model", "lenet5", "--resume", *quick, "--out", str(anonymous)], "not of"),
         (["compress", str(garbage)], "cannot be read"),
         (["compress", str(ckpt), "--model", "lenet5"], "is not of this model"),
-        (["compress", str(nan)], "NaN"),
+        (["compress", str(nan)], "non-finite"),
         (["compress", str(tampered)], "SHA-256"),
         # compressed files
         (["info", str(corrupt)], "corrupt.bc"),
