@@ -415,11 +415,11 @@ def test_damaged_stamp_is_ignored(tiny_checksums):
 
 
 def test_cli_data_path_verifies_and_remembers(tiny_checksums, tmp_path):
-    assert len(cli._load_data(str(tiny_checksums)).train_y) == 20
+    assert len(cli.load_data(str(tiny_checksums), "mnist").train_y) == 20
     assert (tiny_checksums / STAMP_NAME).is_file()
     write_tiny_mnist(tmp_path / "other", n_train=30)  # not the (patched) standard files
-    with pytest.raises(cli.CommandError, match="checksum mismatch"):
-        cli._load_data(str(tmp_path / "other"))
+    with pytest.raises(DataFileError, match="checksum mismatch"):  # main: one line, exit 2
+        cli.load_data(str(tmp_path / "other"), "mnist")
 
 
 def test_gz_and_plain_copies_must_agree(tiny_checksums):

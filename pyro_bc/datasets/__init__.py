@@ -6,7 +6,8 @@ Data sets for the experiments: MNIST (full or the shipped subset) and CIFAR-10, 
 * :func:`train_validation_split` holds out the last training images for validation;
 * :func:`train_test_loaders` and :func:`train_validation_test_loaders` wrap them in
   :class:`TensorBatches`, fast in-memory mini-batches, optionally augmented per batch by
-  :class:`RandomCropFlip`.
+  :class:`RandomCropFlip`;
+* :func:`synthetic_image_data` makes random images of a data set's shape for smoke tests.
 
 Files are read defensively (:mod:`pyro_bc.datasets.storage`): capped streaming decompression,
 checksums remembered beside the data, verified downloads and safe extraction; every error is a
@@ -30,6 +31,7 @@ from .loaders import Loaders, TensorBatches, train_test_loaders, train_validatio
 from .mnist import DATA_ENV_VAR, default_mnist_dir, download_mnist, load_mnist, load_mnist_subset
 from .splits import ImageData, train_validation_split
 from .storage import DataDownloadError, DataFileError
+from .synthetic import synthetic_image_data
 from .transforms import RandomCropFlip
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "load_mnist_subset",
     "read_cifar10_batch",
     "read_idx",
+    "synthetic_image_data",
     "train_test_loaders",
     "train_validation_split",
     "train_validation_test_loaders",
