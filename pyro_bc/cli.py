@@ -315,6 +315,15 @@ def _in_order(x, y):
     return TensorBatches(x, y, EVAL_BATCH_SIZE, shuffle=False)
 
 
+@torch.no_grad()
+def _error(network, loader):
+    """Test error of a plain network (the pretrained twin)."""
+    network.eval()
+    device = next(network.parameters()).device
+    wrong = sum((network(x.to(device)).argmax(-1) != y.to(device)).sum().item() for x, y in loader)
+    return wrong / len(loader.dataset)
+
+
 # ---------------------------------------------------------------------------------------------
 # Commands
 
@@ -376,7 +385,8 @@ def _check_resumable(checkpoint, asked):
 
 def run(args):
     """``pyro-bc run``: pretrain, fit, compress, save, evaluate and draw, as the recipe says."""
-    r = recipe(args.model, args.prior)
+    source = args.data or DEFAULT_DATA[recipe(args.model, args.prior).dataset]
+    r = recipe(args.model, args.prior, data=source)
     options = _network_options(args.width, args.model)
     if args.max_error_increase is not None and args.validation == 0:
         raise CommandError("--max-error-increase needs validation images: --validation N > 0")
@@ -390,7 +400,6 @@ def run(args):
     decay = r.decay_epochs if args.decay_epochs is None else args.decay_epochs
     batch_size = r.batch_size if args.batch_size is None else args.batch_size
     thresholds = r.thresholds if args.thresholds is None else args.thresholds
-    source = args.data or DEFAULT_DATA[r.dataset]
 
     pyro.set_rng_seed(args.seed)
     data, held_out = split_validation(
@@ -406,9 +415,11 @@ def run(args):
         args.model, args.prior, len(data.train_y), device=args.device, **options
     )
     _check_threshold_layers(thresholds, model, args.model)
+    deterministic_error = None  # the pretrained plain network's, where there is one
     if pretrain_epochs > 0 and not resuming:
         twin = network.deterministic(**options).to(args.device)
         twin = pretrain(twin, train_loader, epochs=pretrain_epochs, progress=not args.quiet)
+        deterministic_error = _error(twin, test_loader)
         guide.init_from(twin, rescale=r.rescale)
     metadata = {
         "model": args.model,
@@ -438,11 +449,15 @@ def run(args):
             progress=not args.quiet,
         )
     dense = evaluate(model, guide, test_loader, num_samples=args.mc_samples)
+    # the recipe's error budget on the held-out images unless thresholds are given
+    max_error_increase = args.max_error_increase
+    if max_error_increase is None and args.thresholds is None and held_out:
+        max_error_increase = r.max_error_increase  # None: the recipe's thresholds
     budget = {}
-    if args.max_error_increase is not None:
+    if max_error_increase is not None:
         budget = {
             "validation": _in_order(data.validation_x, data.validation_y),
-            "max_error_increase": args.max_error_increase,
+            "max_error_increase": max_error_increase,
         }
     compressed = _compress(
         guide,
@@ -463,7 +478,8 @@ def run(args):
         "lr": r.lr if args.lr is None else args.lr,
         "decay_epochs": decay,
         "batch_size": batch_size,
-        "max_error_increase": args.max_error_increase,
+        "max_error_increase": max_error_increase,
+        "test_error_deterministic": deterministic_error,
         "test_error_posterior_mean": dense["error"],
         f"test_error_mc{args.mc_samples}": dense.get("error_mc"),
         "test_error_compressed": report.test_error,

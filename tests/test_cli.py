@@ -46,7 +46,7 @@ def test_run_writes_checkpoint_compressed_file_and_report(run_folder, capsys):
     # the shipped subset's last fifth is held out: trained on 8,000 of its 10,000 images
     assert summary["validation"] == 2000 and summary["dataset_size"] == 8000
     # options not given come from the recipe
-    r = recipes.recipe("lenet300", "gnj")
+    r = recipes.recipe("lenet300", "gnj", data="subset")
     assert (summary["lr"], summary["decay_epochs"]) == (r.lr, r.decay_epochs)
 
 
@@ -66,8 +66,24 @@ def test_compress_a_checkpoint_with_other_thresholds(run_folder, tmp_path, capsy
     fc1 = report["layers"][0]
     assert fc1["threshold"] == -8
     assert (out / "pruning-histograms.png").is_file() and not (out / "training.png").exists()
-    # a low threshold prunes at least as much as the default one
-    default = json.loads((run_folder / "report.json").read_text())["layers"][0]
+    # a low threshold prunes at least as much as the histogram's valley or -3
+    auto = tmp_path / "auto"
+    assert (
+        main(
+            [
+                "compress",
+                str(run_folder / "checkpoint.pt"),
+                "--thresholds",
+                "auto",
+                "--no-figures",
+                "--out",
+                str(auto),
+            ]
+        )
+        == 0
+    )
+    default = json.loads((auto / "report.json").read_text())["layers"][0]
+    assert default["threshold"] > -8
     assert fc1["groups_kept"] <= default["groups_kept"]
     # the checkpoint's data by default: the same test images, so the same dense error
     first = json.loads((run_folder / "report.json").read_text())
@@ -96,7 +112,7 @@ def test_run_takes_the_recipe_where_options_are_not_given(tmp_path, monkeypatch)
         batch_size=500,
         thresholds=-2.5,
     )
-    monkeypatch.setitem(recipes.RECIPES, ("lenet300", "gnj"), quick)
+    monkeypatch.setitem(recipes.SUBSET_RECIPES, ("lenet300", "gnj"), quick)
     assert main(["run", "--mc-samples", "0", "--no-figures", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert (summary["epochs"], summary["pretrain_epochs"]) == (2, 0)
