@@ -73,7 +73,7 @@ _LENET300 = {
     "decay_epochs": 20,
     "max_error_increase": 0.001,
 }
-_LENET5 = {"lr": 3e-3, "epochs": 40, "decay_epochs": 10, "max_error_increase": 0.001}
+_LENET5 = {"lr": 3e-3, "epochs": 70, "decay_epochs": 10, "max_error_increase": 0.001}
 # not yet tuned by a full CIFAR-10 run: the LeNets' Adam settings, a longer pretraining
 _VGG16 = {
     "epochs": 200,

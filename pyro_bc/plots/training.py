@@ -7,6 +7,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from .figures import (
+    leading,
     save,
 )
 
@@ -130,7 +131,13 @@ def tradeoff(curves: dict, *, paper=None, chosen=None, title=None, path=None) ->
                 label="chosen (validation)",
             )
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):
+            # plain numbers (2, 5, 10) read better than 10^x on axes of rates and percentages
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.set_minor_formatter(
+                FuncFormatter(lambda v, _: f"{v:g}" if leading(v) in (2, 5) else "")
+            )
         ax.set_xlabel(f"compression rate {name} (x)")
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("test error (%)")
