@@ -10,9 +10,9 @@ with the group normal-Jeffreys prior, measured in one run, interleaved, several 
 - ``deterministic``: a plain network of the same shape with cross-entropy (the floor).
 
 Then one epoch end to end, data loading included, on the shipped MNIST subset (LeNet-300-100):
-``pyro_bc.fit`` with the loader of :func:`pyro_bc.data.mnist_loaders` (a ``DataLoader`` over a
-``TensorDataset``, which collates example by example), against a hand-written loop that indexes
-the data tensors with one shuffled index batch per step.
+``pyro_bc.fit`` with the loader of :func:`pyro_bc.datasets.train_test_loaders`
+(``TensorBatches``: one index batch per step), against a hand-written loop that indexes the data
+tensors with one shuffled index batch per step.
 
 Every repeat runs each implementation once, so load from other processes hits all of them; the
 ratio pyro_bc / hand-written is reported per repeat and as the ratio of the medians, both for
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 import pyro_bc
-from pyro_bc.data import load, mnist_loaders
+from pyro_bc.datasets import load_mnist, train_test_loaders
 from pyro_bc.files import write_atomically
 from pyro_bc.infer import adam
 from pyro_bc.models import LeNet5Caffe, LeNet300100
@@ -77,7 +77,7 @@ NETWORKS = {
     ),
 }
 LOADERS = {
-    "pyro_bc": "pyro_bc.fit over pyro_bc.data.mnist_loaders (DataLoader of a TensorDataset)",
+    "pyro_bc": "pyro_bc.fit over pyro_bc.datasets.train_test_loaders (TensorBatches)",
     "hand-written": "a loop over shuffled index batches of the data tensors (x[idx], y[idx])",
 }
 
@@ -203,7 +203,7 @@ def time_steps(step, batch, steps):
 
 def epoch_pyro_bc(data, batch_size):
     model, guide = build_pyro_bc("lenet300", len(data.train_x))
-    train_loader, _ = mnist_loaders(data, batch_size=batch_size)
+    train_loader, _ = train_test_loaders(data, batch_size=batch_size)
     return lambda: pyro_bc.fit(model, guide, train_loader, epochs=1, progress=False)
 
 
@@ -308,7 +308,7 @@ def main():
         result["step"][f"{network}-gnj"] = summary
         _print_ratios(f"{network}-gnj step (ms)", summary, "ms_per_step")
     if args.epoch_repeats > 0:
-        data = load("subset")
+        data = load_mnist("subset")
         epochs = {
             "pyro_bc": epoch_pyro_bc(data, args.batch_size),
             "hand-written": epoch_hand_written(data, args.batch_size),
