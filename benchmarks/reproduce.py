@@ -129,7 +129,7 @@ def _point(report):
 
 def curves(guide, loaders):
     """Points of the trade-off curves: one per error budget, one per common threshold."""
-    common = dict(calibration=loaders.train, test_loader=loaders.test)
+    common = dict(calibration=loaders.train, test_loader=loaders.test, predictive_samples=0)
     by_budget = []
     for budget in BUDGETS:
         report = pyro_bc.compress(

@@ -319,6 +319,16 @@ def test_report_states_the_error_of_the_compressed_network():
     assert report.test_examples == 64
     assert report.test_error == compressed.evaluate(loader)["error"]
     assert report.dense_test_error == pyro_bc.evaluate(model, guide, loader)["error"]
+    # calibration before and after: the compressed network's NLL is its cross-entropy
+    with torch.no_grad():
+        cross_entropy = sum(
+            torch.nn.functional.cross_entropy(compressed(x), y, reduction="sum").item()
+            for x, y in loader
+        )
+    assert report.test_nll == pytest.approx(cross_entropy / 64, rel=1e-4)
+    assert 0 <= report.test_ece <= 1 and 0 <= report.dense_test_ece <= 1
+    assert report.dense_test_nll > 0 and report.predictive_samples == 10
+    assert "calibration" in str(report)
     text = str(report)
     assert "784-300-100 -> " in text and "test error" in text and "after precision" in text
     summary = json.loads(report.to_json())

@@ -10,6 +10,8 @@ import textwrap
 import pytest
 import torch.distributed as dist
 
+import pyro_bc
+
 WORKER = textwrap.dedent(
     """
     import json, sys
@@ -95,3 +97,21 @@ def test_two_processes_average_to_the_combined_batch_and_resume(tmp_path):
     assert outcome["grad_diff"] < 1e-5
     assert outcome["loss_diff"] < 1e-6
     assert outcome["resumed_equal"]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
+def test_the_command_trains_on_two_processes_under_torchrun(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node", "2", "-m", "pyro_bc.cli", "run", "--epochs", "1"]
+    command += ["--pretrain-epochs", "1", "--mc-samples", "0", "--no-figures", "--quiet"]
+    command += ["--out", str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["epochs"] == 1
+    # process 0 alone compressed and wrote the file; it reads back to the reported error
+    network = pyro_bc.load(tmp_path / "model.bc")
+    assert (
+        network.report is None and summary["file_bytes"] == (tmp_path / "model.bc").stat().st_size
+    )

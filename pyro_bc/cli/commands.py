@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import warnings
 from pathlib import Path
 
 import pyro
 import torch
+from torch.utils.data import DataLoader
 
 from .. import datasets as bc_data
+from .. import distributed as bc_distributed
 from .. import plots
 from ..checkpoint import load_checkpoint
 from ..compressed import CompressedNetwork
@@ -151,6 +154,16 @@ def _check_resumable(checkpoint, asked):
         )
 
 
+def _shardable(loader, augment):
+    """The training images as a ``DataLoader``, which ``pyro_bc.distributed`` shards."""
+    if augment is not None:
+        raise CommandError(
+            "several processes (torchrun) train without augmentation for now: use one process "
+            "for CIFAR-10"
+        )
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True)
+
+
 def run(args):
     """``pyro-bc run``: pretrain, fit, compress, save, evaluate and draw, as the recipe says."""
     source = args.data or DEFAULT_DATA[recipe(args.model, args.prior).dataset]
@@ -169,6 +182,9 @@ def run(args):
     batch_size = r.batch_size if args.batch_size is None else args.batch_size
     thresholds = r.thresholds if args.thresholds is None else args.thresholds
 
+    # launched by torchrun: one process per device, DistributedDataParallel, process 0 reports
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = bc_distributed.setup() if distributed else args.device
     pyro.set_rng_seed(args.seed)
     data, held_out = split_validation(
         load_data(source, r.dataset, download=args.download), args.validation
@@ -180,12 +196,12 @@ def run(args):
         data, batch_size=batch_size, transform=augment
     )
     network, model, guide = build(
-        args.model, args.prior, len(data.train_y), device=args.device, **options
+        args.model, args.prior, len(data.train_y), device=device, **options
     )
     _check_threshold_layers(thresholds, model, args.model)
     deterministic_error = None  # the pretrained plain network's, where there is one
     if pretrain_epochs > 0 and not resuming:
-        twin = network.deterministic(**options).to(args.device)
+        twin = network.deterministic(**options).to(device)
         twin = pretrain(twin, train_loader, epochs=pretrain_epochs, progress=not args.quiet)
         deterministic_error = _error(twin, test_loader)
         guide.init_from(twin, rescale=r.rescale)
@@ -204,7 +220,7 @@ def run(args):
         history = fit(
             model,
             guide,
-            train_loader,
+            _shardable(train_loader, augment) if distributed else train_loader,
             epochs=epochs,
             # a resumed run keeps its checkpoint's rate unless --lr asks for another
             lr=r.lr if args.lr is None and not resuming else args.lr,
@@ -215,7 +231,14 @@ def run(args):
             seed=args.seed,
             metadata=metadata,
             progress=not args.quiet,
+            distributed=distributed,
         )
+    processes = bc_distributed.world_size()
+    if distributed:
+        main_process = bc_distributed.rank() == 0
+        bc_distributed.cleanup()
+        if not main_process:
+            return
     dense = evaluate(model, guide, test_loader, num_samples=args.mc_samples)
     # the recipe's error budget on the held-out images unless thresholds are given
     max_error_increase = args.max_error_increase
@@ -240,7 +263,8 @@ def run(args):
     report = compressed.report
     summary = {
         **metadata,
-        "device": str(args.device),
+        "device": str(device),
+        "processes": processes,
         "epochs": len(history),
         "pretrain_epochs": 0 if resuming else pretrain_epochs,
         "lr": r.lr if args.lr is None else args.lr,

@@ -14,6 +14,7 @@ import torch
 from ..compressed import CompressedNetwork
 from ..infer import evaluate
 from ..nn import BayesianLayer
+from ..predictive import network_metrics, predictive_metrics
 from .bits import exponent_bits, resolve_bits
 from .budget import search_bits, search_thresholds
 from .calibration import input_means
@@ -129,6 +130,7 @@ def compress(
     calibration=None,
     validation=None,
     max_error_increase=None,
+    predictive_samples=10,
 ) -> CompressedNetwork:
     """Compresses the posterior of ``guide`` into a thinned, quantized :class:`CompressedNetwork`.
 
@@ -159,6 +161,10 @@ def compress(
         network whose validation error stays within ``max_error_increase`` (a fraction, e.g.
         ``0.001`` for 0.1 points) of the dense posterior-mean network's, and the bit widths of
         ``bits="auto"`` are lowered while it stays there (:mod:`pyro_bc.compression.budget`).
+    :param predictive_samples: with ``test_loader``, the report also gives the negative
+        log-likelihood and expected calibration error of the compressed network (a point
+        estimate) and of the dense posterior predictive averaged over this many draws of the
+        weights (:mod:`pyro_bc.predictive`); 0 skips them.
     :raises ValueError: for a model compress cannot thin (it names the module and lists what is
         supported), thresholds that remove a whole layer, or bad arguments.
 
@@ -241,6 +247,17 @@ def compress(
         result = network.evaluate(test_loader)
         report.test_error, report.test_examples = result["error"], result["n"]
         report.dense_test_error = evaluate(analysis.model, guide, test_loader)["error"]
+        if predictive_samples:
+            compressed = network_metrics(network, test_loader)
+            dense_predictive = predictive_metrics(
+                analysis.model, guide, test_loader, num_samples=predictive_samples
+            )
+            report.test_nll, report.test_ece = compressed.nll, compressed.ece
+            report.dense_test_nll, report.dense_test_ece = (
+                dense_predictive.nll,
+                dense_predictive.ece,
+            )
+            report.predictive_samples = predictive_samples
     network.report = report
     return network
 

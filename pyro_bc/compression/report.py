@@ -67,6 +67,11 @@ class CompressionReport:
     test_examples: int | None = None
     dense_test_error: float | None = None
     calibration_examples: int | None = None
+    test_nll: float | None = None
+    test_ece: float | None = None
+    dense_test_nll: float | None = None
+    dense_test_ece: float | None = None
+    predictive_samples: int | None = None
     validation_error: float | None = None
     dense_validation_error: float | None = None
     validation_examples: int | None = None
@@ -151,6 +156,11 @@ class CompressionReport:
             "test_examples": self.test_examples,
             "dense_test_error": self.dense_test_error,
             "calibration_examples": self.calibration_examples,
+            "test_nll": self.test_nll,
+            "test_ece": self.test_ece,
+            "dense_test_nll": self.dense_test_nll,
+            "dense_test_ece": self.dense_test_ece,
+            "predictive_samples": self.predictive_samples,
             "validation_error": self.validation_error,
             "dense_validation_error": self.dense_validation_error,
             "validation_examples": self.validation_examples,
@@ -222,5 +232,11 @@ def _format_report(r):
         lines.append(
             f"test error       {r.test_error:.2%} on {r.test_examples:,} examples "
             f"(this compressed network{dense})"
+        )
+    if r.dense_test_nll is not None:
+        lines.append(
+            f"calibration      NLL {r.test_nll:.4f} nats, ECE {r.test_ece:.2%} (this compressed "
+            f"network, a point estimate); dense posterior predictive ({r.predictive_samples} "
+            f"samples) NLL {r.dense_test_nll:.4f}, ECE {r.dense_test_ece:.2%}"
         )
     return lines
