@@ -147,6 +147,13 @@ def load_checkpoint(path, guide=None, *, epochs: int | None = None) -> dict:
         missing = [k for k in _LEGACY_KEYS if k not in state]
         if missing:
             raise CheckpointError(f"checkpoint {path} lacks {missing}: not written by pyro_bc.fit")
+        # the keys of the first format exactly: a damaged key of a newer file (its version or
+        # digest) must not pass it off as a legacy one, which has no digest to check
+        unknown = sorted(set(state) - {*_LEGACY_KEYS, "metadata"})
+        if unknown:
+            raise CheckpointError(
+                f"checkpoint {path} has no schema version but holds {unknown}: it is damaged"
+            )
         state.setdefault("metadata", {})
         state["version"] = 0
         if isinstance(state["rng"], torch.Tensor):
