@@ -31,31 +31,45 @@ from .thinning import kept_parameters, thin
 PASSES = (0.5, 1.0)
 
 
+def ranked(summaries) -> dict:
+    """Each layer's groups, most prunable first (highest pruning quantity).
+
+    Example::
+
+        ranked(analysis.summaries)["fc1"][:3]  # the three inputs of fc1 pruned first
+    """
+    return {
+        site: torch.argsort(s.log_alpha, descending=True, stable=True)
+        for site, s in summaries.items()
+    }
+
+
+def keeps_of(order: dict, pruned: dict) -> dict:
+    """The masks that prune the first ``pruned[site]`` groups of each layer's ``order``.
+
+    Example::
+
+        keeps = keeps_of(ranked(analysis.summaries), {"fc1": 500, "fc2": 200, "fc3": 80})
+    """
+    keeps = {}
+    for site, groups in order.items():
+        keep = torch.ones(groups.numel(), dtype=torch.bool)
+        keep[groups[: pruned[site]]] = False
+        keeps[site] = keep
+    return keeps
+
+
 class _Search:
-    def __init__(self, analysis, means, validation, allowed_error, bits=None):
+    def __init__(self, analysis, means, validation, bits=None):
         self.analysis = analysis
         self.bits = bits  # compress's bits argument, resolved for every candidate
         self.means = means
         self.validation = validation
-        self.allowed = allowed_error
-        self.evaluations = 0
-        # groups of each layer, most prunable first
-        self.order = {
-            site: torch.argsort(s.log_alpha, descending=True, stable=True)
-            for site, s in analysis.summaries.items()
-        }
-
-    def keeps(self, pruned: dict) -> dict:
-        keeps = {}
-        for site, order in self.order.items():
-            keep = torch.ones(order.numel(), dtype=torch.bool)
-            keep[order[: pruned[site]]] = False
-            keeps[site] = keep
-        return keeps
+        self.order = ranked(analysis.summaries)
 
     def plans(self, pruned):
         try:
-            return plan_masks(self.analysis.chain, self.keeps(pruned))
+            return plan_masks(self.analysis.chain, keeps_of(self.order, pruned))
         except ValueError:  # a layer left without inputs or outputs
             return None
 
@@ -63,7 +77,12 @@ class _Search:
         plans = self.plans(pruned)
         if plans is None:
             return None
-        return sum(int(p.out_keep.sum()) * int(p.in_keep.sum()) for p in plans.values())
+        return sum(
+            int(p.out_keep.sum())
+            * int(p.in_keep.sum())
+            * math.prod(self.analysis.summaries[site].weight_mean.shape[2:])
+            for site, p in plans.items()
+        )
 
     def error(self, pruned: dict, bits: dict | None = None):
         """Validation error of the network with ``pruned[site]`` groups pruned per layer (with
@@ -78,12 +97,10 @@ class _Search:
         }
         if bits is None:
             bits = resolve_bits(self.bits, {site: k[1] for site, k in kept.items()})
-        frac_bits = bits
         try:
-            network, _ = thin(self.analysis.chain, plans, kept, frac_bits, self.analysis.shape)
+            network, _ = thin(self.analysis.chain, plans, kept, bits, self.analysis.shape)
         except ValueError:
             return None
-        self.evaluations += 1
         return network.evaluate(self.validation)["error"]
 
     def within(self, pruned, limit, bits=None):
@@ -99,7 +116,7 @@ def search_thresholds(analysis, means, validation, dense_error, max_error_increa
 
         pruned, thresholds = search_thresholds(analysis, {}, val_loader, 0.0158, 0.001)
     """
-    search = _Search(analysis, means, validation, dense_error + max_error_increase, bits)
+    search = _Search(analysis, means, validation, bits)
     pruned = dict.fromkeys(analysis.summaries, 0)
     everything = search.weights_kept(pruned)
     # the weights one more pruned group of each layer removes from the whole network
@@ -148,7 +165,7 @@ def search_bits(analysis, means, validation, allowed_error, pruned, frac_bits):
 
         bits, lowered = search_bits(analysis, means, val_loader, 0.017, pruned, {"fc1": 6})
     """
-    search = _Search(analysis, means, validation, allowed_error)
+    search = _Search(analysis, means, validation)
     bits, lowered = dict(frac_bits), set()
     sizes = {site: s.weight_mean.numel() for site, s in analysis.summaries.items()}
     for site in sorted(sizes, key=sizes.get, reverse=True):

@@ -16,7 +16,7 @@ from ..infer import evaluate
 from ..nn import BayesianLayer
 from ..predictive import network_metrics, predictive_metrics
 from .bits import exponent_bits, resolve_bits
-from .budget import search_bits, search_thresholds
+from .budget import keeps_of, ranked, search_bits, search_thresholds
 from .calibration import input_means
 from .chain import trace_chain
 from .masks import LayerMasks, plan_masks
@@ -199,11 +199,7 @@ def compress(
         pruned, analysis.thresholds = search_thresholds(
             analysis, means, validation, dense["error"], max_error_increase, bits
         )
-        keeps = {}
-        for site, k in pruned.items():
-            order = torch.argsort(analysis.summaries[site].log_alpha, descending=True, stable=True)
-            keeps[site] = torch.ones(order.numel(), dtype=torch.bool)
-            keeps[site][order[:k]] = False
+        keeps = keeps_of(ranked(analysis.summaries), pruned)
         analysis.plans = plan_masks(analysis.chain, keeps)
         budget = (dense, allowed, pruned)
 
