@@ -1,7 +1,7 @@
 """Export of a compressed network to ONNX and TorchScript, for runtimes without Python or Pyro.
 
-A :class:`~pyro_bc.compress.CompressedNetwork` is an ordinary ``nn.Sequential`` (Linear, Conv2d,
-activations, pooling, Flatten and :class:`~pyro_bc.compress.Gather`, which is an ``index_select``),
+A :class:`~pyro_bc.compressed.CompressedNetwork` is an ordinary ``nn.Sequential`` (Linear, Conv2d,
+activations, pooling, Flatten and :class:`~pyro_bc.gather.Gather`, which is an ``index_select``),
 so both exporters take it as it is. The exported graph computes with the network's float32
 weights, which are exactly the fixed-point values ``q 2^-t`` of the ``.bc`` file: the export is
 as large as a float32 network of the thinned shape (ONNX and TorchScript have no packed
@@ -102,7 +102,7 @@ def to_onnx(network, path, *, input_shape=None, opset_version: int | None = None
     ``onnxscript`` (``pip install "pyro-bc[onnx]"``); any ONNX runtime runs the result, e.g.
     ``onnxruntime.InferenceSession(path).run(None, {"input": x})``.
 
-    :param network: a :class:`~pyro_bc.compress.CompressedNetwork` or another module the
+    :param network: a :class:`~pyro_bc.compressed.CompressedNetwork` or another module the
         exporter can trace.
     :param input_shape: the shape of one example; default ``network.input_shape``.
     :param opset_version: the ONNX opset; default the exporter's.

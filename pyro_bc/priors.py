@@ -130,7 +130,7 @@ class GroupPrior:
 
     #: how far apart (in units of the pruning quantity) the kept and the pruned mode of a layer's
     #: histogram must be for ``compress(thresholds="auto")`` to split them
-    #: (:func:`pyro_bc.compress.histogram_valley`); closer bumps are read as one mode.
+    #: (:func:`pyro_bc.compression.histogram_valley`); closer bumps are read as one mode.
     mode_separation: float = 4.0
 
     def __call__(self, name: str, num_groups: int) -> torch.Tensor:

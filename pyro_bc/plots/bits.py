@@ -75,10 +75,10 @@ def bits_histograms(guide, thresholds=None, *, compressed=None, layers=None, pat
     """Per layer, how many bits each kept weight's posterior variance allows, and the layer's t.
 
     A weight with posterior variance ``Var[w]`` deserves the ``t`` in 1..23 with
-    ``2 Var[w] < 2^-t`` (:func:`~pyro_bc.compress.weight_bits`): with the largest such ``t``,
+    ``2 Var[w] < 2^-t`` (:func:`~pyro_bc.compression.weight_bits`): with the largest such ``t``,
     rounding to the grid ``2^-t`` moves it by at most ``2^-(t+1) <= 2 Var[w]``, far below its
     posterior standard deviation when the variance is small. The layer gets the ceiling
-    of the mean over its kept weights (solid line, :func:`~pyro_bc.compress.significand_bits`,
+    of the mean over its kept weights (solid line, :func:`~pyro_bc.compression.significand_bits`,
     what ``compress(bits="auto")`` uses); the dashed line is the mean itself.
 
     Example::

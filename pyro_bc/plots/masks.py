@@ -120,7 +120,7 @@ def weight_matrices(
       channels whose filter in the layer before was pruned.
 
     The masks are exactly those of :func:`pyro_bc.compress` (via
-    :func:`~pyro_bc.compress.group_masks`).
+    :func:`~pyro_bc.compression.group_masks`).
 
     :param guide: a trained :class:`~pyro_bc.StructuredGuide`.
     :param compressed: the :class:`~pyro_bc.CompressedNetwork` compress returned for ``guide``;
