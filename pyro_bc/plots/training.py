@@ -109,27 +109,24 @@ def tradeoff(curves: dict, *, paper=None, chosen=None, title=None, path=None) ->
                 markersize=4,
                 label=label,
             )
-        if paper is not None and paper.get(key) is not None:
-            ax.plot(
-                [paper[key]],
-                [100 * paper["test_error"]],
-                marker="*",
-                markersize=14,
-                color="tab:red",
-                linestyle="none",
-                label="paper",
-            )
-        if chosen is not None:
-            ax.plot(
-                [chosen[key]],
-                [100 * chosen["test_error"]],
-                marker="o",
-                markersize=14,
-                markerfacecolor="none",
-                markeredgecolor="black",
-                linestyle="none",
-                label="chosen (validation)",
-            )
+        markers = (
+            (paper, "paper", {"marker": "*", "color": "tab:red"}),
+            (
+                chosen,
+                "chosen (validation)",
+                {"marker": "o", "markerfacecolor": "none", "markeredgecolor": "black"},
+            ),
+        )
+        for point, label, style in markers:
+            if point is not None and point.get(key) is not None:
+                ax.plot(
+                    [point[key]],
+                    [100 * point["test_error"]],
+                    markersize=14,
+                    linestyle="none",
+                    label=label,
+                    **style,
+                )
         ax.set_xscale("log")
         ax.set_yscale("log")
         for axis in (ax.xaxis, ax.yaxis):
