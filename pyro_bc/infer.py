@@ -197,7 +197,8 @@ def fit(
 
     The KL terms of every site with a registered closed form are exact; the likelihood is
     scaled by ``dataset_size / batch_size`` by the model's data plate. Adam (``lr``, 1e-3 by
-    default) over the guide's parameters unless ``optimizer`` is given. Each step is a
+    default) over the guide's parameters and the model's own (batch norm's) unless ``optimizer``
+    is given. Each step is a
     :class:`TrainingStep`. Training runs where the guide's parameters are: batches are moved
     there. The running loss and error stay on the device and are read once per epoch (and every
     :data:`PROGRESS_EVERY` steps for the progress bar).

@@ -125,7 +125,9 @@ def network_probs(network, x) -> torch.Tensor:
         probs = network_probs(pyro_bc.compress(guide), x_test)
     """
     network.eval()
-    return network(x).softmax(-1)
+    device = next((p.device for p in network.parameters()), x.device)
+    with torch.no_grad():
+        return network(x.to(device)).softmax(-1)
 
 
 def _check_num_samples(num_samples):

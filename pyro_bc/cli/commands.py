@@ -9,7 +9,6 @@ import warnings
 from pathlib import Path
 
 import pyro
-import torch
 from torch.utils.data import DataLoader
 
 from .. import datasets as bc_data
@@ -23,6 +22,7 @@ from ..export import export_file
 from ..files import write_atomically
 from ..infer import evaluate, fit, linear_decay, pretrain
 from ..models import MODELS, build, recipe
+from ..predictive import network_metrics
 from .options import (
     DATA_NAMES,
     DEFAULT_DATA,
@@ -84,15 +84,6 @@ def split_validation(data, validation: int | None):
 
 def _in_order(x, y):
     return TensorBatches(x, y, EVAL_BATCH_SIZE, shuffle=False)
-
-
-@torch.no_grad()
-def _error(network, loader):
-    """Test error of a plain network (the pretrained twin)."""
-    network.eval()
-    device = next(network.parameters()).device
-    wrong = sum((network(x.to(device)).argmax(-1) != y.to(device)).sum().item() for x, y in loader)
-    return wrong / len(loader.dataset)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +194,7 @@ def run(args):
     if pretrain_epochs > 0 and not resuming:
         twin = network.deterministic(**options).to(device)
         twin = pretrain(twin, train_loader, epochs=pretrain_epochs, progress=not args.quiet)
-        deterministic_error = _error(twin, test_loader)
+        deterministic_error = network_metrics(twin, test_loader).error
         guide.init_from(twin, rescale=r.rescale)
     metadata = {
         "model": args.model,
@@ -275,7 +266,7 @@ def run(args):
         "test_error_posterior_mean": dense["error"],
         f"test_error_mc{args.mc_samples}": dense.get("error_mc"),
         "test_error_compressed": report.test_error,
-        "validation_error_compressed": getattr(report, "validation_error", None),
+        "validation_error_compressed": report.validation_error,
         "architecture": report.architecture,
         "pruning_rate": report.pruning_rate,
         "precision_rate": report.precision_rate,

@@ -117,7 +117,27 @@ class _LeakyReLUCodec(ModuleCodec):
         return {"negative_slope": float(module.negative_slope)}, []
 
 
-class _MaxPoolCodec(ModuleCodec):
+class _PoolCodec(ModuleCodec):
+    """A 2-d pooling module: its fields are its arguments, sizes as pairs."""
+
+    def describe(self, name, module, formats):
+        fields = {}
+        for key, check in self.fields.items():
+            value = getattr(module, key)
+            if key in ("kernel_size", "stride", "padding", "dilation"):
+                value = _pair(value)
+            elif check is _flag:
+                value = bool(value)
+            fields[key] = value
+        return fields, []
+
+    def meta_forward(self, spec, x):
+        if x.dim() != 4:
+            raise ValueError(f"{self.type_name} needs (channels, height, width)")
+        return super().meta_forward(spec, x)
+
+
+class _MaxPoolCodec(_PoolCodec):
     type_name, module_type = "MaxPool2d", nn.MaxPool2d
     fields = {
         "kernel_size": _pair_of(1),
@@ -130,22 +150,8 @@ class _MaxPoolCodec(ModuleCodec):
     def accepts(self, module):
         return type(module) is nn.MaxPool2d and not module.return_indices
 
-    def describe(self, name, module, formats):
-        return {
-            "kernel_size": _pair(module.kernel_size),
-            "stride": _pair(module.stride),
-            "padding": _pair(module.padding),
-            "dilation": _pair(module.dilation),
-            "ceil_mode": bool(module.ceil_mode),
-        }, []
 
-    def meta_forward(self, spec, x):
-        if x.dim() != 4:
-            raise ValueError("MaxPool2d needs (channels, height, width)")
-        return super().meta_forward(spec, x)
-
-
-class _AvgPoolCodec(ModuleCodec):
+class _AvgPoolCodec(_PoolCodec):
     type_name, module_type = "AvgPool2d", nn.AvgPool2d
     fields = {
         "kernel_size": _pair_of(1),
@@ -155,21 +161,6 @@ class _AvgPoolCodec(ModuleCodec):
         "count_include_pad": _flag,
         "divisor_override": lambda v: v is None or _size(v),
     }
-
-    def describe(self, name, module, formats):
-        return {
-            "kernel_size": _pair(module.kernel_size),
-            "stride": _pair(module.stride),
-            "padding": _pair(module.padding),
-            "ceil_mode": bool(module.ceil_mode),
-            "count_include_pad": bool(module.count_include_pad),
-            "divisor_override": module.divisor_override,
-        }, []
-
-    def meta_forward(self, spec, x):
-        if x.dim() != 4:
-            raise ValueError("AvgPool2d needs (channels, height, width)")
-        return super().meta_forward(spec, x)
 
 
 class _GatherCodec(ModuleCodec):

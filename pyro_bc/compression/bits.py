@@ -12,6 +12,7 @@ import math
 import torch
 
 from ..fixed_point import MAX_FRACTION_BITS
+from .arguments import per_layer
 
 
 def weight_bits(weight_var: torch.Tensor) -> torch.Tensor:
@@ -71,19 +72,7 @@ def resolve_bits(bits, kept_vars: dict) -> dict:
 
         resolve_bits({"fc1": 4}, {"fc1": var1, "fc2": var2})  # {'fc1': 4, 'fc2': 9}
     """
-    names = list(kept_vars)
-    if bits is None or isinstance(bits, (int, str)):
-        bits = dict.fromkeys(names, bits)
-    elif isinstance(bits, dict):
-        unknown = set(bits) - set(names)
-        if unknown:
-            raise ValueError(
-                f"compress: bits name layers the model does not have: {sorted(unknown)}; its "
-                f"Bayesian layers are {names}"
-            )
-        bits = {name: bits.get(name, "auto") for name in names}
-    else:
-        raise ValueError(f"compress: bits must be 'auto', an int, a dict or None; got {bits!r}")
+    bits = per_layer(bits, list(kept_vars), "bits", (int, str), "auto")
     resolved = {}
     for name, value in bits.items():
         if value == "auto":

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..priors import GroupPrior
+from .arguments import per_layer
 
 #: The threshold where a histogram has no two modes (the authors' usual value; for GNJ, the
 #: scale's posterior standard deviation is 22% of its mean).
@@ -95,22 +96,9 @@ def resolve_thresholds(thresholds, log_alphas: dict, separations: dict) -> dict:
         # {'fc1': (-2.8, 'given'), 'fc2': (-0.4, 'auto')}
     """
     names = list(log_alphas)
-    if thresholds is None or isinstance(thresholds, (Real, str)):
-        thresholds = dict.fromkeys(names, thresholds)
-    elif isinstance(thresholds, dict):
-        unknown = set(thresholds) - set(names)
-        if unknown:
-            raise ValueError(
-                f"compress: thresholds name layers the model does not have: {sorted(unknown)}; "
-                f"its Bayesian layers are {names}"
-            )
-    else:
-        raise ValueError(
-            "compress: thresholds must be None, a number, 'auto' or a dict {layer: number or "
-            f"'auto'}}; got {type(thresholds).__name__}"
-        )
+    thresholds = per_layer(thresholds, names, "thresholds", (Real, str), None)
     return {
-        name: _threshold(name, thresholds.get(name), log_alphas[name], separations[name])
+        name: _threshold(name, thresholds[name], log_alphas[name], separations[name])
         for name in names
     }
 
