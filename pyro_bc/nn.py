@@ -52,6 +52,9 @@ class BayesianLayer(PyroModule):
         super().__init__()
         self.prior = as_prior(GroupNormalJeffreys() if prior is None else prior)
         self.weight_shape = torch.Size(weight_shape)
+        #: the weight shape of the layer this one was thinned from (:meth:`thinned`), which
+        #: compression counts its rates against; its own shape otherwise
+        self.full_weight_shape = self.weight_shape
         self.num_groups = num_groups
         self.has_bias = bias
         # follows the layer's device and dtype, for the prior of theta
@@ -116,6 +119,18 @@ class BayesianLayer(PyroModule):
 
     def check_thinnable(self) -> None:
         """Raises a ``ValueError`` naming the layer if compression cannot remove its groups."""
+
+    def thinned(self, in_keep: torch.Tensor, out_keep: torch.Tensor) -> BayesianLayer:
+        """A new layer like this one (options, prior) with only the inputs ``in_keep`` and the
+        outputs ``out_keep`` (boolean masks: input features or channels, output units or
+        filters); state the model holds (batch norm) is sliced along, the guide is not. Its
+        :attr:`full_weight_shape` stays this layer's, for compression's accounting.
+
+        Example::
+
+            small = model.fc2.thinned(fc2_in_keep, fc2_out_keep)  # BayesianLinear(87, 21)
+        """
+        raise NotImplementedError
 
     def output_affine(self):
         """The per-output affine map ``h -> a h + c`` the layer applies in eval mode between its
@@ -199,6 +214,13 @@ class BayesianLinear(BayesianLayer):
 
     def plain_weights(self, z, weight, bias):
         return weight * z, bias
+
+    def thinned(self, in_keep, out_keep):
+        layer = BayesianLinear(
+            int(in_keep.sum()), int(out_keep.sum()), bias=self.has_bias, prior=self.prior
+        )
+        layer.full_weight_shape = self.full_weight_shape
+        return layer.to(self._zero)
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, bias={self.has_bias}, prior={self.prior}"
@@ -322,6 +344,30 @@ class BayesianConv2d(BayesianLayer):
                 " removing filters would make its groups unequal, which nn.Conv2d cannot hold. "
                 "Only groups=1 convolutions can be thinned."
             )
+
+    def thinned(self, in_keep, out_keep):
+        self.check_thinnable()
+        bn = self._bn
+        layer = BayesianConv2d(
+            int(in_keep.sum()),
+            int(out_keep.sum()),
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=self.has_bias,
+            prior=self.prior,
+            batch_norm=bn is not None,
+            bn_eps=1e-5 if bn is None else bn.eps,
+            bn_momentum=0.1 if bn is None else bn.momentum,
+        ).to(self._zero)
+        layer.full_weight_shape = self.full_weight_shape
+        if bn is not None:
+            keep = out_keep.to(self._zero.device)
+            state = {k: v if v.dim() == 0 else v[keep] for k, v in bn.state_dict().items()}
+            layer._bn.load_state_dict(state)
+            layer._bn.train(bn.training)
+        return layer
 
     def moments(self, x, z, weight_loc, weight_var, bias_loc, bias_var):
         z = _per_channel(z)

@@ -10,7 +10,11 @@
 - :mod:`~pyro_bc.compression.bits`: bit widths from posterior variances;
 - :mod:`~pyro_bc.compression.thinning`: the thinned, quantized network;
 - :mod:`~pyro_bc.compression.report`: the report and the paper's accounting;
-- :mod:`~pyro_bc.compression.pipeline`: :func:`compress` and :func:`group_masks`.
+- :mod:`~pyro_bc.compression.pipeline`: :func:`compress` and :func:`group_masks`;
+- :mod:`~pyro_bc.compression.thinned_posterior`: the smaller Bayesian network and guide that
+  keep only the kept groups, to retrain after pruning;
+- :mod:`~pyro_bc.compression.retraining`: :func:`compress_retrained`, pruning past the budget,
+  retraining the thinned posterior and compressing it again.
 
 Example::
 
@@ -24,6 +28,8 @@ from .chain import trace_chain
 from .masks import LayerMasks
 from .pipeline import analyse, compress, group_masks
 from .report import CompressionReport, LayerReport
+from .retraining import compress_retrained
+from .thinned_posterior import thin_posterior
 from .thresholds import DEFAULT_THRESHOLD, histogram_valley
 
 __all__ = [
@@ -33,10 +39,12 @@ __all__ = [
     "LayerReport",
     "analyse",
     "compress",
+    "compress_retrained",
     "exponent_bits",
     "group_masks",
     "histogram_valley",
     "significand_bits",
+    "thin_posterior",
     "trace_chain",
     "weight_bits",
 ]

@@ -16,18 +16,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..gather import Gather
 from ..infer import predict_logits
 from ..nn import BayesianLayer
 
 #: Modules that may sit between Bayesian layers: they act per channel and map 0 to 0.
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh)
 POOLING = (nn.MaxPool2d, nn.AvgPool2d)
+#: Modules that keep some of the features of a flat input (a thinned posterior has them).
+SELECTION = (Gather,)
 #: Modules that are the identity at inference; the compressed network leaves them out.
 DROPPED = (nn.Identity, nn.Dropout)
 SUPPORTED = (
     "Bayesian layers of pyro_bc.nn (convolutions with groups=1), ReLU, LeakyReLU, Tanh, "
-    "MaxPool2d, AvgPool2d, Flatten (start_dim=1, end_dim=-1), Identity and Dropout, called one "
-    "after the other, each on the previous one's output"
+    "MaxPool2d, AvgPool2d, Flatten (start_dim=1, end_dim=-1), Gather, Identity and Dropout, called "
+    "one after the other, each on the previous one's output"
 )
 
 
@@ -189,7 +192,11 @@ def _check_supported(link):
             )
     elif isinstance(module, nn.MaxPool2d) and module.return_indices:
         raise ValueError(f"compress: {name!r} is MaxPool2d(return_indices=True); not supported")
-    elif not isinstance(module, ELEMENTWISE + POOLING + DROPPED):
+    elif isinstance(module, SELECTION) and len(shape) != 1:
+        raise ValueError(
+            f"compress: {name!r} is a Gather on inputs of shape {shape}; it must follow a Flatten"
+        )
+    elif not isinstance(module, ELEMENTWISE + POOLING + SELECTION + DROPPED):
         raise ValueError(
             f"compress: module {name!r} is a {type(module).__name__}, which compress cannot "
             f"carry through a thinned network; supported: {SUPPORTED}"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..gather import Gather
 from ..nn import BayesianLayer
 
 
@@ -48,17 +49,26 @@ class _Edge:
     layer: BayesianLayer
     before: str | None  # the Bayesian layer feeding this one
     owner: torch.Tensor | None  # per input feature of this layer, the unit of `before` behind it
+    # a Gather in front of a dense layer (a thinned posterior's): the positions it keeps among
+    # the flat features reaching it, and the owners of those features
+    selection: torch.Tensor | None = None
+    reaching: torch.Tensor | None = None
+    reaching_size: int = 0
 
 
 def _edges(chain):
-    edges, before, owner = [], None, None
+    edges, before, owner, gather = [], None, None, {}
     for link in chain:
         module = link.module
         if isinstance(module, BayesianLayer):
-            edges.append(_Edge(module.site(), module, before, owner))
-            before, owner = module.site(), torch.arange(module.weight_shape[0])
+            edges.append(_Edge(module.site(), module, before, owner, **gather))
+            before, owner, gather = module.site(), torch.arange(module.weight_shape[0]), {}
         elif isinstance(module, nn.Flatten) and owner is not None and len(link.input_shape) > 1:
             owner = owner.repeat_interleave(math.prod(link.input_shape[1:]))
+        elif isinstance(module, Gather):
+            selection = module.index.cpu()
+            gather = dict(selection=selection, reaching=owner, reaching_size=module.in_features)
+            owner = None if owner is None else owner[selection]
     return edges
 
 
@@ -97,12 +107,7 @@ def plan_masks(chain, keeps: dict) -> dict:
     for e in edges:
         plan = LayerPlan(in_keep[e.site], out_keep[e.site], int(keeps[e.site].sum()))
         if e.layer.kind == "dense":
-            available = (
-                torch.ones_like(plan.in_keep) if e.before is None else out_keep[e.before][e.owner]
-            )
-            if not torch.equal(plan.in_keep, available):
-                plan.gather = (available.long().cumsum(0) - 1)[plan.in_keep]
-                plan.gather_from = int(available.sum())
+            _plan_gather(plan, e, None if e.before is None else out_keep[e.before])
         plans[e.site] = plan
     for site, plan in plans.items():
         if not plan.in_keep.any():
@@ -118,6 +123,23 @@ def plan_masks(chain, keeps: dict) -> dict:
                 "are all pruned; use a higher threshold for the next layer"
             )
     return plans
+
+
+def _plan_gather(plan, edge, upstream_kept):
+    """The Gather in front of a dense layer: the positions of its kept inputs, in its own input
+    order, among the features the thinned network delivers. A Gather already in the chain (a
+    thinned posterior's) is folded in, so thinning leaves that one out."""
+    if edge.selection is None:
+        positions, owner, size = plan.in_keep.nonzero().flatten(), edge.owner, len(plan.in_keep)
+    else:
+        positions, owner, size = edge.selection[plan.in_keep], edge.reaching, edge.reaching_size
+    available = (
+        torch.ones(size, dtype=torch.bool) if upstream_kept is None else upstream_kept[owner]
+    )
+    if edge.selection is None and torch.equal(plan.in_keep, available):
+        return
+    plan.gather = (available.long().cumsum(0) - 1)[positions]
+    plan.gather_from = int(available.sum())
 
 
 @dataclass

@@ -130,6 +130,7 @@ def compress(
     calibration=None,
     validation=None,
     max_error_increase=None,
+    reference_error=None,
     predictive_samples=10,
 ) -> CompressedNetwork:
     """Compresses the posterior of ``guide`` into a thinned, quantized :class:`CompressedNetwork`.
@@ -161,6 +162,10 @@ def compress(
         network whose validation error stays within ``max_error_increase`` (a fraction, e.g.
         ``0.001`` for 0.1 points) of the dense posterior-mean network's, and the bit widths of
         ``bits="auto"`` are lowered while it stays there (:mod:`pyro_bc.compression.budget`).
+    :param reference_error: the validation error the budget is counted from, instead of this
+        guide's dense posterior-mean network's: for a retrained thinned posterior
+        (:func:`~pyro_bc.compression.thinned_posterior.thin_posterior`), the error of the dense
+        network it was thinned from.
     :param predictive_samples: with ``test_loader``, the report also gives the negative
         log-likelihood and expected calibration error of the compressed network (a point
         estimate) and of the dense posterior predictive averaged over this many draws of the
@@ -187,7 +192,10 @@ def compress(
             f"compress: max_error_increase is a fraction in [0, 1) (0.001 = 0.1 points of "
             f"error), got {max_error_increase!r}"
         )
-    analysis = analyse(guide, thresholds, input_shape)
+    if reference_error is not None and validation is None:
+        raise ValueError("compress: reference_error needs validation and max_error_increase")
+    # with a budget the search replaces the thresholds: start from the whole network
+    analysis = analyse(guide, math.inf if validation is not None else thresholds, input_shape)
     means, calibration_examples = {}, None
     if calibration is not None:
         means, calibration_examples = input_means(analysis.chain, analysis.summaries, calibration)
@@ -195,9 +203,10 @@ def compress(
     budget = None
     if validation is not None:
         dense = evaluate(analysis.model, guide, validation)
-        allowed = dense["error"] + max_error_increase
+        base = dense["error"] if reference_error is None else reference_error
+        allowed = base + max_error_increase
         pruned, analysis.thresholds = search_thresholds(
-            analysis, means, validation, dense["error"], max_error_increase, bits
+            analysis, means, validation, base, max_error_increase, bits
         )
         keeps = keeps_of(ranked(analysis.summaries), pruned)
         analysis.plans = plan_masks(analysis.chain, keeps)
@@ -239,6 +248,7 @@ def compress(
         report.validation_examples = budget[0]["n"]
         report.validation_error = network.evaluate(validation)["error"]
         report.max_error_increase = max_error_increase
+        report.reference_validation_error = reference_error
     if test_loader is not None:
         result = network.evaluate(test_loader)
         report.test_error, report.test_examples = result["error"], result["n"]
@@ -271,18 +281,20 @@ def _layer_report(link, analysis, kept, frac_bits, bit_rules, e, widths):
     weights_kept = weight.numel()
     # a convolution's weights are used once per output position
     spatial = math.prod(link.output_shape[1:]) if layer.kind == "conv" else 1
-    total = math.prod(layer.weight_shape)
+    # a thinned posterior's layer is counted against the layer it was thinned from
+    full = layer.full_weight_shape
+    total = math.prod(full)
     return LayerReport(
         name=site,
         kind=layer.kind,
-        groups=layer.num_groups,
+        groups=full[layer.group_dim],
         groups_below_threshold=plan.below_threshold,
         groups_kept=int((plan.in_keep if layer.group_dim == 1 else plan.out_keep).sum()),
         threshold=analysis.thresholds[site][0],
         threshold_rule=analysis.thresholds[site][1],
         weights=total,
         weights_kept=weights_kept,
-        biases=0 if bias is None else layer.weight_shape[0],
+        biases=0 if bias is None else full[0],
         biases_kept=0 if bias is None else bias.numel(),
         kept_shape=tuple(weight.shape),
         frac_bits=t,

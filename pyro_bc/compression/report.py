@@ -76,6 +76,8 @@ class CompressionReport:
     dense_validation_error: float | None = None
     validation_examples: int | None = None
     max_error_increase: float | None = None
+    reference_validation_error: float | None = None
+    retraining: dict | None = None
 
     @property
     def architecture(self) -> str:
@@ -165,6 +167,8 @@ class CompressionReport:
             "dense_validation_error": self.dense_validation_error,
             "validation_examples": self.validation_examples,
             "max_error_increase": self.max_error_increase,
+            "reference_validation_error": self.reference_validation_error,
+            "retraining": self.retraining,
         }
 
     def to_json(self, **kwargs) -> str:
@@ -219,11 +223,21 @@ def _format_report(r):
             f"biases           hold the mean contribution of the pruned inputs "
             f"({r.calibration_examples:,} calibration examples)"
         )
+    if r.retraining:
+        t = r.retraining
+        lines.append(
+            f"retraining       {t['epochs']} epochs of SVI (lr {t['lr']:g}) on the posterior "
+            f"thinned to {t['thinned_architecture']} (validation budget "
+            f"+{t['prune_error_increase']:.2%}), then compressed again"
+        )
     if r.validation_error is not None:
+        reference = ""
+        if r.reference_validation_error is not None:
+            reference = f" over the reference {r.reference_validation_error:.2%}"
         lines.append(
             f"validation error {r.validation_error:.2%} on {r.validation_examples:,} examples "
             f"(dense posterior-mean network {r.dense_validation_error:.2%}; budget "
-            f"+{r.max_error_increase:.2%})"
+            f"+{r.max_error_increase:.2%}{reference})"
         )
     if r.test_error is not None:
         dense = ""

@@ -17,7 +17,7 @@ from ..compressed import CompressedNetwork
 from ..fixed_point import MAX_WIDTH, dequantize, quantize
 from ..gather import Gather
 from ..nn import BayesianLayer
-from .chain import DROPPED
+from .chain import DROPPED, SELECTION
 
 
 def kept_parameters(summary, plan, input_mean=None):
@@ -74,8 +74,8 @@ def thin(chain, plans, kept, frac_bits, input_shape) -> tuple[CompressedNetwork,
     modules, formats, widths = OrderedDict(), {}, {}
     for link in chain:
         module, key = link.module, link.name.replace(".", "_")
-        if isinstance(module, DROPPED):
-            continue
+        if isinstance(module, DROPPED + SELECTION):
+            continue  # a Gather of the chain is part of the next layer's plan
         if not isinstance(module, BayesianLayer):
             modules[key] = copy.deepcopy(module)
             continue

@@ -1,0 +1,61 @@
+"""compress_retrained: prune past the budget, retrain the thinned posterior, compress again."""
+
+import pytest
+import torch
+from test_compression_budget import USELESS, _model_and_data
+
+from pyro_bc.compression import compress_retrained
+
+
+def _retrained(prune_error_increase, epochs=1, lr=1e-4, seed=0):
+    model, guide, loader = _model_and_data(seed=seed)
+    model.dataset_size = len(loader.dataset)
+    with torch.no_grad():  # no ties between pruning quantities, so thresholds rank the groups
+        for layer in guide.layers:
+            layer.scale_factors[0].log_var.add_(
+                torch.linspace(0, 0.1, layer.scale_factors[0].log_var.numel())
+            )
+    return compress_retrained(
+        guide,
+        loader,
+        validation=loader,
+        max_error_increase=0.0,
+        prune_error_increase=prune_error_increase,
+        epochs=epochs,
+        lr=lr,
+        seed=0,
+    ).report
+
+
+def test_rates_count_against_the_original_network_and_the_report_says_so():
+    report = _retrained(0.0)
+    assert report.weights == 8 * 6 + 6 * 3
+    assert report.architecture.startswith("8-6 -> ")
+    assert report.layers[0].groups_kept <= 8 - len(USELESS)
+    assert report.reference_validation_error == 0.0
+    assert report.retraining["epochs"] == 1
+    assert report.retraining["thinned_architecture"] == "4-6"
+    assert "retraining" in str(report) and "over the reference 0.00%" in str(report)
+
+
+def test_retraining_wins_back_error_that_pruning_cost():
+    report = _retrained(0.3, epochs=30, lr=3e-2, seed=1)
+    thinned = report.retraining["thinned_validation_error"]
+    assert thinned > 0.05
+    assert report.dense_validation_error < thinned
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_error_increase": 0.01, "prune_error_increase": 0.0}, "prune_error_increase"),
+        ({"epochs": 0}, "epochs"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    model, guide, loader = _model_and_data()
+    arguments = dict(
+        validation=loader, max_error_increase=0.0, prune_error_increase=0.0, epochs=1, lr=1e-3
+    )
+    with pytest.raises(ValueError, match=match):
+        compress_retrained(guide, loader, **{**arguments, **kwargs})
