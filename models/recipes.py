@@ -40,6 +40,9 @@ class Recipe:
         max_error_increase=)``); None: compress with ``thresholds``.
     :ivar lr: Adam's learning rate; ``epochs`` of SVI after ``pretrain_epochs`` of the
         deterministic twin, the rate decaying linearly to 0 over the last ``decay_epochs``.
+    :ivar retrain_epochs: epochs of SVI on the thinned posterior after pruning to the looser
+        budget ``prune_error_increase`` (Adam at ``retrain_lr`` decaying to 0), compressed again
+        within ``max_error_increase`` (:func:`pyro_bc.compression.compress_retrained`); 0: none.
     :ivar dataset: the data set the network is made for: ``"mnist"`` or ``"cifar10"``.
 
     Example::
@@ -57,6 +60,9 @@ class Recipe:
     decay_epochs: int = 50
     pretrain_epochs: int = 10
     batch_size: int = 128
+    retrain_epochs: int = 0
+    retrain_lr: float = 1e-3
+    prune_error_increase: float = 0.005
     dataset: str = "mnist"
     notes: dict = field(default_factory=dict)
 
@@ -97,10 +103,18 @@ RECIPES = {
 
 #: recipes for the MNIST subset shipped with the package (10,000 training images, of which
 #: 2,000 are held out for validation): the README's main job, a few minutes on 2 cores. A higher
-#: learning rate prunes in 60 epochs what the full-data recipe prunes in 170.
+#: learning rate prunes in 60 epochs what the full-data recipe prunes in 170; retraining after
+#: pruning to +2 points (10 epochs on the thinned posterior) gave 11,252 weights at validation
+#: error 4.40% against 19,998 at 4.55% without it (+1 point: 12,790 at 4.55%).
 SUBSET_RECIPES = {
     ("lenet300", "gnj"): Recipe(
-        clip_var={"fc1": 0.04}, lr=3e-3, epochs=60, decay_epochs=15, max_error_increase=0.005
+        clip_var={"fc1": 0.04},
+        lr=3e-3,
+        epochs=60,
+        decay_epochs=15,
+        max_error_increase=0.005,
+        retrain_epochs=10,
+        prune_error_increase=0.02,
     ),
 }
 

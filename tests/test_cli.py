@@ -86,9 +86,9 @@ def test_compress_a_checkpoint_with_other_thresholds(run_folder, tmp_path, capsy
     assert default["threshold"] > -8
     assert fc1["groups_kept"] <= default["groups_kept"]
     # the checkpoint's data by default: the same test images, so the same dense error
-    first = json.loads((run_folder / "report.json").read_text())
+    first = json.loads((run_folder / "summary.json").read_text())
     assert report["test_examples"] == 2000
-    assert report["dense_test_error"] == first["dense_test_error"]
+    assert report["dense_test_error"] == first["test_error_posterior_mean"]
 
 
 def test_compress_within_an_error_budget_on_validation_images(run_folder, tmp_path):
@@ -100,6 +100,29 @@ def test_compress_within_an_error_budget_on_validation_images(run_folder, tmp_pa
     assert report["validation_examples"] == 2000  # the images run held out
     assert report["max_error_increase"] == 0.01
     assert report["validation_error"] <= report["dense_validation_error"] + 0.01 + 1e-12
+
+
+def test_compress_with_retraining_keeps_the_smaller_network_within_the_budget(
+    run_folder, tmp_path, capsys
+):
+    out = tmp_path / "retrained"
+    argv = ["compress", str(run_folder / "checkpoint.pt"), "--max-error-increase", "0.01"]
+    argv += ["--retrain-epochs", "1", "--prune-error-increase", "0.05", "--no-figures"]
+    assert main([*argv, "--out", str(out)]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("retraining after")]
+    report = json.loads((out / "report.json").read_text())
+    used = report["retraining"] is not None
+    assert line.endswith("kept" if used else "not used")
+    # either way the file's network keeps the budget over the original dense network
+    dense = report["reference_validation_error"] if used else report["dense_validation_error"]
+    assert report["validation_error"] <= dense + 0.01 + 1e-12
+    assert report["weights"] == 784 * 300 + 300 * 100 + 100 * 10
+
+
+def test_retraining_needs_a_budget(run_folder, capsys):
+    argv = ["compress", str(run_folder / "checkpoint.pt"), "--retrain-epochs", "2"]
+    assert main(argv) == 2
+    assert "--max-error-increase" in capsys.readouterr().err
 
 
 def test_run_takes_the_recipe_where_options_are_not_given(tmp_path, monkeypatch):

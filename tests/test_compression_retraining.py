@@ -15,7 +15,7 @@ def _retrained(prune_error_increase, epochs=1, lr=1e-4, seed=0):
             layer.scale_factors[0].log_var.add_(
                 torch.linspace(0, 0.1, layer.scale_factors[0].log_var.numel())
             )
-    return compress_retrained(
+    compressed, _ = compress_retrained(
         guide,
         loader,
         validation=loader,
@@ -24,7 +24,8 @@ def _retrained(prune_error_increase, epochs=1, lr=1e-4, seed=0):
         epochs=epochs,
         lr=lr,
         seed=0,
-    ).report
+    )
+    return compressed.report
 
 
 def test_rates_count_against_the_original_network_and_the_report_says_so():

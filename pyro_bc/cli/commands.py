@@ -16,7 +16,7 @@ from .. import distributed as bc_distributed
 from .. import plots
 from ..checkpoint import load_checkpoint
 from ..compressed import CompressedNetwork
-from ..compression import compress
+from ..compression import compress, compress_retrained, retraining_pays
 from ..datasets import RandomCropFlip, TensorBatches
 from ..export import export_file
 from ..files import write_atomically
@@ -100,16 +100,47 @@ def _network_options(width, model_name):
     return {"width": default if width is None else width}
 
 
-def _compress(guide, out, **kwargs):
+def _compress(guide, out, retraining=None, **kwargs):
+    """The compressed network, saved with its report, and the guide it was compressed from (a
+    retrained thinned posterior where retraining paid)."""
     try:
         compressed = compress(guide, **kwargs)
+        if retraining and kwargs.get("validation") is not None:
+            compressed, guide = _retrained_if_smaller(guide, compressed, retraining, kwargs)
     except ValueError as e:
         raise CommandError(str(e)) from e
     compressed.save(out / "model.bc")
     report = compressed.report
     write_atomically(out / "report.json", report.to_json(indent=2).encode())
     print(report)
-    return compressed
+    return compressed, guide
+
+
+def _retrained_if_smaller(guide, compressed, retraining, kwargs):
+    """Retraining after pruning (``compress_retrained``) and its thinned guide where its network
+    is smaller and within the same validation budget; otherwise ``compressed`` and ``guide``."""
+    report = compressed.report
+    retrained, thinned = compress_retrained(
+        guide,
+        retraining["train_loader"],
+        validation=kwargs["validation"],
+        max_error_increase=kwargs["max_error_increase"],
+        prune_error_increase=retraining["prune_error_increase"],
+        epochs=retraining["epochs"],
+        lr=retraining["lr"],
+        seed=retraining["seed"],
+        test_loader=kwargs.get("test_loader"),
+    )
+    allowed = report.dense_validation_error + kwargs["max_error_increase"]
+    other = retrained.report
+    smaller = retraining_pays(report, other, kwargs["max_error_increase"])
+    print(
+        f"retraining after pruning: {other.weights_kept:,} weights at validation error "
+        f"{other.validation_error:.2%} against {report.weights_kept:,} at "
+        f"{report.validation_error:.2%} without (allowed {allowed:.2%}): "
+        + ("kept" if smaller else "not used")
+    )
+    return (retrained, thinned) if smaller else (compressed, guide)
 
 
 def _figures(guide, compressed, out, history=None):
@@ -241,16 +272,32 @@ def run(args):
             "validation": _in_order(data.validation_x, data.validation_y),
             "max_error_increase": max_error_increase,
         }
-    compressed = _compress(
+    retrain_epochs = r.retrain_epochs if args.retrain_epochs is None else args.retrain_epochs
+    retraining = None
+    if retrain_epochs and budget:
+        retraining = {
+            "train_loader": train_loader,
+            "epochs": retrain_epochs,
+            "lr": r.retrain_lr,
+            "prune_error_increase": max(
+                max_error_increase,
+                r.prune_error_increase
+                if args.prune_error_increase is None
+                else args.prune_error_increase,
+            ),
+            "seed": args.seed,
+        }
+    compressed, compressed_from = _compress(
         guide,
         out,
+        retraining=retraining,
         thresholds=thresholds,
         test_loader=test_loader,
         calibration=_in_order(data.train_x, data.train_y),  # unaugmented
         **budget,
     )
     if args.figures:
-        _figures(guide, compressed, out, history)
+        _figures(compressed_from, compressed, out, history)
     report = compressed.report
     summary = {
         **metadata,
@@ -262,6 +309,7 @@ def run(args):
         "decay_epochs": decay,
         "batch_size": batch_size,
         "max_error_increase": max_error_increase,
+        "retraining": report.retraining,
         "test_error_deterministic": deterministic_error,
         "test_error_posterior_mean": dense["error"],
         f"test_error_mc{args.mc_samples}": dense.get("error_mc"),
@@ -327,10 +375,27 @@ def compress_checkpoint(args):
                 )
             kwargs["validation"] = _in_order(data.validation_x, data.validation_y)
             kwargs["max_error_increase"] = args.max_error_increase
+            if args.retrain_epochs:
+                kwargs["retraining"] = {
+                    "train_loader": TensorBatches(
+                        data.train_x, data.train_y, r.batch_size, shuffle=True
+                    ),
+                    "epochs": args.retrain_epochs,
+                    "lr": r.retrain_lr,
+                    "prune_error_increase": max(
+                        args.max_error_increase,
+                        r.prune_error_increase
+                        if args.prune_error_increase is None
+                        else args.prune_error_increase,
+                    ),
+                    "seed": 0,
+                }
+    if args.retrain_epochs and "retraining" not in kwargs:
+        raise CommandError("--retrain-epochs needs --max-error-increase and data")
     out = args.out or args.checkpoint.parent
-    compressed = _compress(guide, out, **kwargs)
+    compressed, compressed_from = _compress(guide, out, **kwargs)
     if args.figures:
-        _figures(guide, compressed, out)
+        _figures(compressed_from, compressed, out)
 
 
 def _dataset_of(network, path):

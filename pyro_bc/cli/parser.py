@@ -81,6 +81,15 @@ BUDGET_HELP = (
     "no search; the thresholds of --thresholds or the recipe)"
 )
 
+RETRAIN_EPOCHS_HELP = (
+    "with an error budget: also prune to the looser --prune-error-increase, train the thinned "
+    "posterior this many epochs and compress it again within the budget; the smaller network "
+    "within the budget is kept (0: none; default: the recipe's for run, 0 for compress)"
+)
+PRUNE_BUDGET_HELP = (
+    "the looser validation budget of the pruning before retraining (default: the recipe's)"
+)
+
 
 def _recipes_table():
     rows = [
@@ -194,6 +203,10 @@ def parser() -> argparse.ArgumentParser:
     how = r.add_mutually_exclusive_group()
     how.add_argument("--thresholds", metavar="T", type=parse_thresholds, help=THRESHOLDS_HELP)
     how.add_argument("--max-error-increase", metavar="F", type=error_fraction, help=BUDGET_HELP)
+    r.add_argument("--retrain-epochs", metavar="N", type=non_negative_int, help=RETRAIN_EPOCHS_HELP)
+    r.add_argument(
+        "--prune-error-increase", metavar="F", type=error_fraction, help=PRUNE_BUDGET_HELP
+    )
     r.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:N or mps")
     r.add_argument("--seed", type=seed, default=0, help="seed of every random draw")
     r.add_argument(
@@ -230,6 +243,10 @@ def parser() -> argparse.ArgumentParser:
     how = c.add_mutually_exclusive_group()
     how.add_argument("--thresholds", metavar="T", type=parse_thresholds, help=THRESHOLDS_HELP)
     how.add_argument("--max-error-increase", metavar="F", type=error_fraction, help=BUDGET_HELP)
+    c.add_argument("--retrain-epochs", metavar="N", type=non_negative_int, help=RETRAIN_EPOCHS_HELP)
+    c.add_argument(
+        "--prune-error-increase", metavar="F", type=error_fraction, help=PRUNE_BUDGET_HELP
+    )
     c.add_argument(
         "--out", type=output_folder, help="output folder (default: the checkpoint's folder)"
     )

@@ -28,7 +28,7 @@ from .chain import trace_chain
 from .masks import LayerMasks
 from .pipeline import analyse, compress, group_masks
 from .report import CompressionReport, LayerReport
-from .retraining import compress_retrained
+from .retraining import compress_retrained, retraining_pays
 from .thinned_posterior import thin_posterior
 from .thresholds import DEFAULT_THRESHOLD, histogram_valley
 
@@ -43,6 +43,7 @@ __all__ = [
     "exponent_bits",
     "group_masks",
     "histogram_valley",
+    "retraining_pays",
     "significand_bits",
     "thin_posterior",
     "trace_chain",

@@ -28,7 +28,7 @@ def compress_retrained(
     progress: bool = False,
     **options,
 ):
-    """Compresses ``guide`` with retraining after pruning; a :class:`~pyro_bc.CompressedNetwork`.
+    """Compresses ``guide`` with retraining after pruning.
 
     :param train_loader: the training batches: SVI runs on them and they calibrate the pruned
         inputs (``compress(..., calibration=)``).
@@ -41,14 +41,16 @@ def compress_retrained(
     :param options: more arguments of :func:`~pyro_bc.compress` for the final compression
         (``bits``, ``test_loader``, ``predictive_samples``).
 
-    The report's ``retraining`` records the epochs, the learning rate, the looser budget and the
-    thinned architecture; its rates count against ``guide``'s full network. The returned network
-    may miss the budget if retraining does not win the error back: compare its
-    ``report.validation_error`` with the budget, and with ``compress`` without retraining.
+    :returns: ``(compressed, thinned)``: the :class:`~pyro_bc.CompressedNetwork` and the retrained
+        thinned guide it was compressed from (``thinned.model`` is its Bayesian network). The
+        report's ``retraining`` records the epochs, the learning rate, the looser budget and the
+        thinned architecture; its rates count against ``guide``'s full network. The network may
+        miss the budget if retraining does not win the error back: :func:`retraining_pays`
+        compares it with ``compress`` without retraining.
 
     Example::
 
-        small = compress_retrained(
+        small, thinned = compress_retrained(
             guide, train_loader, validation=val_loader, max_error_increase=0.001,
             prune_error_increase=0.005, epochs=10, lr=1e-3,
         )
@@ -96,4 +98,19 @@ def compress_retrained(
         "thinned_architecture": pruned.report.architecture.split(" -> ")[-1],
         "thinned_validation_error": pruned.report.validation_error,
     }
-    return compressed
+    return compressed, thinned
+
+
+def retraining_pays(without, retrained, max_error_increase: float) -> bool:
+    """Whether the retrained network is the one to keep: fewer weights than ``without`` (the
+    report of ``compress`` within the same budget) and within that budget on validation data.
+
+    Example::
+
+        plain = pyro_bc.compress(guide, validation=val, max_error_increase=0.001)
+        retrained, _ = compress_retrained(guide, train, validation=val, max_error_increase=0.001,
+                                          prune_error_increase=0.005, epochs=10, lr=1e-3)
+        best = retrained if retraining_pays(plain.report, retrained.report, 0.001) else plain
+    """
+    allowed = without.dense_validation_error + max_error_increase
+    return retrained.weights_kept < without.weights_kept and retrained.validation_error <= allowed
