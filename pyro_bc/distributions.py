@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from pyro.distributions import TorchDistribution
 from pyro.distributions.util import broadcast_shape
-from torch.distributions import Gamma, InverseGamma, LogNormal, Normal, constraints
+from torch.distributions import Gamma, InverseGamma, LogNormal, Normal, constraints, kl_divergence
 from torch.distributions.kl import register_kl
 from torch.distributions.transforms import SigmoidTransform
 
@@ -35,6 +35,7 @@ __all__ = [
     "LogitNormal",
     "NormalLogVar",
     "StandardNormal",
+    "kl_sum",
     "log_alpha",
     "molchanov_kl",
     "normal_moments",
@@ -220,6 +221,24 @@ class LogitNormal(dist.TransformedDistribution):
 def _kl_normal_log_var_standard_normal(p, q):
     kl = 0.5 * (p.loc.pow(2) + p.variance - 1 - p.log_var)
     return _expand(kl, p, q)
+
+
+def kl_sum(p, q):
+    """``kl_divergence(p, q).sum()``, with fewer ops over big tensors where a pair allows it.
+
+    For the weights, ``NormalLogVar || StandardNormal`` of one shape, the factor 1/2 applies to
+    the sum rather than to every element: one op fewer over each weight tensor, forward and
+    backward.
+
+    Example::
+
+        kl_sum(NormalLogVar(torch.zeros(3), torch.zeros(3)), StandardNormal((3,)))  # tensor(0.)
+    """
+    if type(p) is NormalLogVar and type(q) is StandardNormal and p.batch_shape == q.batch_shape:
+        return 0.5 * (p.loc.pow(2) + p.variance - 1 - p.log_var).sum()
+    kl = kl_divergence(p, q)
+    # a rule may give one number for every element
+    return kl.sum() if torch.is_tensor(kl) else kl * p.batch_shape.numel()
 
 
 def unwrap(fn):
