@@ -304,6 +304,18 @@ def _print_ratios(label, summary, unit, scale=1.0):
         )
 
 
+def _without_paths(argv):
+    """The command line with the MNIST directory written as DIR: a path of this machine's."""
+    out = []
+    for arg in argv:
+        if out and out[-1] == "--mnist":
+            arg = "DIR"
+        elif arg.startswith("--mnist="):
+            arg = "--mnist=DIR"
+        out.append(arg)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -373,7 +385,7 @@ def main():
         torch=torch.__version__,
         pyro=pyro.__version__,
         machine=platform.processor() or platform.machine(),
-        command=" ".join(["python", *sys.argv]),
+        command=" ".join(["python", *_without_paths(sys.argv)]),
     )
     for name, m in result.get("peak_memory_mib", {}).items():
         print(

@@ -157,8 +157,9 @@ class _OnePassELBO(LocalReparameterizationMessenger):
                 f"one_pass_negative_elbo: the model's latent site {msg['name']!r} is not in the "
                 "guide; use MeanFieldELBO"
             )
-        # scored after the model has run: a layer's prior runs its sites inside its device
-        # context, which would route every op of the KL through a Python mode
+        # scored after the model has run, as MeanFieldELBO does: a layer's prior runs its sites
+        # inside its device context (pyro_bc.priors.on_device), which routes every torch op
+        # through a Python mode
         self.terms.append((guide_msg, msg))
 
     def loss(self):

@@ -95,14 +95,7 @@ def on_device(device):
         with on_device(torch.device("meta")):
             z = prior("fc1", 784)
     """
-    if device is None:
-        return contextlib.nullcontext()
-    device = torch.device(device)
-    # torch's device context sends every torch call inside it through a Python mode, a cost on
-    # every op of every step; where the device is already the default there is nothing to change
-    if device == torch.get_default_device():
-        return contextlib.nullcontext()
-    return device
+    return contextlib.nullcontext() if device is None else torch.device(device)
 
 
 def posterior_device(posteriors: dict):
