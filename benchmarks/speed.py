@@ -9,10 +9,11 @@ with the group normal-Jeffreys prior, measured in one run, interleaved, several 
   reparameterization, closed-form KLs), written here as the reference to beat;
 - ``deterministic``: a plain network of the same shape with cross-entropy (the floor).
 
-Then one epoch end to end, data loading included, on the shipped MNIST subset (LeNet-300-100):
-``pyro_bc.fit`` with the loader of :func:`pyro_bc.datasets.train_test_loaders`
-(``TensorBatches``: one index batch per step), against a hand-written loop that indexes the data
-tensors with one shuffled index batch per step.
+Then one epoch end to end, data loading included, of LeNet-300-100 on full MNIST (``--mnist DIR``,
+a directory with the four MNIST files) or, without it, on the shipped subset: ``pyro_bc.fit``
+with the loader of :func:`pyro_bc.datasets.train_test_loaders` (``TensorBatches``: one index
+batch per step), against a hand-written loop that indexes the data tensors with the same shuffled
+index batches (the same seeded permutation in every repeat, checked before timing).
 
 Every repeat runs each implementation once, so load from other processes hits all of them; the
 ratio pyro_bc / hand-written is reported per repeat and as the ratio of the medians, both for
@@ -22,7 +23,7 @@ It also measures the peak memory of training: each implementation runs ``--steps
 fresh process, which reports how far its peak resident set size rose above what it held once
 built (the interpreter, torch, pyro and the parameters), and that peak itself.
 
-    python benchmarks/speed.py --threads 1 --repeats 7 --steps 50
+    python benchmarks/speed.py --threads 1 --repeats 7 --steps 50 --mnist DIR
 
 Writes ``benchmarks/results/speed.json``.
 """
@@ -45,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 import pyro_bc
-from pyro_bc.datasets import load_mnist, train_test_loaders
+from pyro_bc.datasets import ImageData, load_mnist, train_test_loaders
 from pyro_bc.files import write_atomically
 from pyro_bc.infer import adam
 from pyro_bc.models import LeNet5Caffe, LeNet300100
@@ -201,10 +202,26 @@ def time_steps(step, batch, steps):
     return 1000 * (time.perf_counter() - wall) / steps, 1000 * (time.process_time() - cpu) / steps
 
 
+def _epoch_generator(repeat):
+    return torch.Generator().manual_seed(1_000 + repeat)
+
+
 def epoch_pyro_bc(data, batch_size):
     model, guide = build_pyro_bc("lenet300", len(data.train_x))
-    train_loader, _ = train_test_loaders(data, batch_size=batch_size)
-    return lambda: pyro_bc.fit(model, guide, train_loader, epochs=1, progress=False)
+
+    def epoch(repeat):
+        loader, _ = train_test_loaders(data, batch_size, generator=_epoch_generator(repeat))
+        pyro_bc.fit(model, guide, loader, epochs=1, progress=False)
+
+    return epoch
+
+
+def hand_written_order(n, repeat):
+    """The order of the examples that ``TensorBatches`` gives with the repeat's generator: it
+    draws one number when an iterator is made, then ``randperm``."""
+    generator = _epoch_generator(repeat)
+    torch.empty((), dtype=torch.int64).random_(generator=generator)
+    return torch.randperm(n, generator=generator)
 
 
 def epoch_hand_written(data, batch_size):
@@ -213,16 +230,30 @@ def epoch_hand_written(data, batch_size):
     step = _torch_step(net.loss, net.parameters())
     x, y = data.train_x, data.train_y
 
-    def epoch():
-        for idx in torch.randperm(len(x)).split(batch_size):
+    def epoch(repeat):
+        for idx in hand_written_order(len(x), repeat).split(batch_size):
             step(x[idx], y[idx])
 
     return epoch
 
 
-def time_call(fn):
+def check_same_batches(n, batch_size):
+    """Both epochs see the same index batches (the order of ``TensorBatches`` of the indices)."""
+    indices = torch.arange(n)
+    for repeat in (0, 1):
+        loader, _ = train_test_loaders(
+            ImageData(indices, indices, indices[:1], indices[:1]),
+            batch_size,
+            generator=_epoch_generator(repeat),
+        )
+        expected = torch.cat([idx for idx, _ in loader])
+        if not torch.equal(expected, hand_written_order(n, repeat)):
+            raise AssertionError("the hand-written epoch would not see pyro_bc's batches")
+
+
+def time_call(fn, *args):
     wall, cpu = time.perf_counter(), time.process_time()
-    fn()
+    fn(*args)
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -273,6 +304,18 @@ def _print_ratios(label, summary, unit, scale=1.0):
         )
 
 
+def _without_paths(argv):
+    """The command line with the MNIST directory written as DIR: a path of this machine's."""
+    out = []
+    for arg in argv:
+        if out and out[-1] == "--mnist":
+            arg = "DIR"
+        elif arg.startswith("--mnist="):
+            arg = "--mnist=DIR"
+        out.append(arg)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -281,6 +324,11 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--networks", default="lenet300,lenet5")
     parser.add_argument("--epoch-repeats", type=int, default=5, help="0 skips the epoch")
+    parser.add_argument(
+        "--mnist",
+        metavar="DIR",
+        help="the epoch on full MNIST from the four files in DIR (default: the shipped subset)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument("--out", default="benchmarks/results/speed.json")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # the subprocess's mode
@@ -308,17 +356,23 @@ def main():
         result["step"][f"{network}-gnj"] = summary
         _print_ratios(f"{network}-gnj step (ms)", summary, "ms_per_step")
     if args.epoch_repeats > 0:
-        data = load_mnist("subset")
+        data = load_mnist(args.mnist or "subset")
+        check_same_batches(len(data.train_x), args.batch_size)
         epochs = {
             "pyro_bc": epoch_pyro_bc(data, args.batch_size),
             "hand-written": epoch_hand_written(data, args.batch_size),
         }
         times = {name: [] for name in epochs}
-        for _ in range(args.epoch_repeats):
+        for repeat in range(args.epoch_repeats):
             for name, epoch in epochs.items():
-                times[name].append(time_call(epoch))
+                times[name].append(time_call(epoch, repeat))
         summary = summarise(times, "seconds")
-        summary.update(loaders=LOADERS, examples=len(data.train_x), network="lenet300-gnj")
+        summary.update(
+            loaders=LOADERS,
+            data="full MNIST" if args.mnist else "the shipped MNIST subset",
+            examples=len(data.train_x),
+            network="lenet300-gnj",
+        )
         result["epoch"] = summary
         _print_ratios("lenet300-gnj epoch (s)", summary, "seconds")
         for name, loader in LOADERS.items():
@@ -331,7 +385,7 @@ def main():
         torch=torch.__version__,
         pyro=pyro.__version__,
         machine=platform.processor() or platform.machine(),
-        command=" ".join(["python", *sys.argv]),
+        command=" ".join(["python", *_without_paths(sys.argv)]),
     )
     for name, m in result.get("peak_memory_mib", {}).items():
         print(

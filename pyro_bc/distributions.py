@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from pyro.distributions import TorchDistribution
 from pyro.distributions.util import broadcast_shape
-from torch.distributions import Gamma, InverseGamma, LogNormal, Normal, constraints
+from torch.distributions import Gamma, InverseGamma, LogNormal, Normal, constraints, kl_divergence
 from torch.distributions.kl import register_kl
 from torch.distributions.transforms import SigmoidTransform
 
@@ -35,6 +35,7 @@ __all__ = [
     "LogitNormal",
     "NormalLogVar",
     "StandardNormal",
+    "kl_sum",
     "log_alpha",
     "molchanov_kl",
     "normal_moments",
@@ -220,6 +221,25 @@ class LogitNormal(dist.TransformedDistribution):
 def _kl_normal_log_var_standard_normal(p, q):
     kl = 0.5 * (p.loc.pow(2) + p.variance - 1 - p.log_var)
     return _expand(kl, p, q)
+
+
+def kl_sum(p, q):
+    """``kl_divergence(p, q).sum()``, with fewer ops over big tensors where a pair allows it.
+
+    For the weights, ``NormalLogVar || StandardNormal`` of one shape, each of the KL's terms is
+    summed on its own, ``(sum(loc^2) + sum(var) - sum(log_var) - n) / 2``: one temporary the size
+    of the weights instead of four, and none in the backward pass of the sums.
+
+    Example::
+
+        kl_sum(NormalLogVar(torch.zeros(3), torch.zeros(3)), StandardNormal((3,)))  # tensor(0.)
+    """
+    if type(p) is NormalLogVar and type(q) is StandardNormal and p.batch_shape == q.batch_shape:
+        terms = p.loc.pow(2).sum() + p.variance.sum() - p.log_var.sum()
+        return 0.5 * (terms - p.batch_shape.numel())
+    kl = kl_divergence(p, q)
+    # a rule may give one number for every element
+    return kl.sum() if torch.is_tensor(kl) else kl * p.batch_shape.numel()
 
 
 def unwrap(fn):

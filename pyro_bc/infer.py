@@ -14,6 +14,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
+from pyro.util import warn_if_nan
 from tqdm.auto import tqdm
 
 from . import distributed as bc_distributed
@@ -25,7 +26,7 @@ from .checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from .elbo import MeanFieldELBO
+from .elbo import MeanFieldELBO, one_pass_negative_elbo, supports_one_pass
 
 
 class _ObservedLogits(Messenger):
@@ -87,19 +88,38 @@ class TrainingDivergedError(RuntimeError):
 
 class _NegativeELBO(torch.nn.Module):
     """The loss of one mini-batch as a module of the guide, so ``DistributedDataParallel`` can
-    wrap it (DDP synchronises the gradients of the module it runs)."""
+    wrap it (DDP synchronises the gradients of the module it runs).
 
-    def __init__(self, model, guide, elbo, handler, observed):
+    With ``one_pass`` it computes the loss by :func:`~pyro_bc.elbo.one_pass_negative_elbo` from
+    the second call on, if the first (validated) call's traces show that it applies.
+    """
+
+    def __init__(self, model, guide, elbo, handler, observed, one_pass=False):
         super().__init__()
         self.guide = guide
         self.__dict__["model"] = model  # not a submodule: the guide owns every parameter
         self.elbo = elbo
         self.handler = handler
         self.observed = observed
+        self.may_one_pass = one_pass
+        self.one_pass = False
 
     def forward(self, x, y, validate: bool = False):
+        if self.one_pass and not validate:
+            with pyro.validation_enabled(False):
+                loss, self.observed.logits = one_pass_negative_elbo(
+                    self.model, self.guide.sample, x, y
+                )
+            return loss
         with pyro.validation_enabled(validate), self.handler(), self.observed:
-            return self.elbo.differentiable_loss(self.model, self.guide.sample, x, y)
+            if not (validate and self.may_one_pass):
+                return self.elbo.differentiable_loss(self.model, self.guide.sample, x, y)
+            # the loss of differentiable_loss (one particle), from traces kept for the check
+            traces = self.elbo._get_trace(self.model, self.guide.sample, (x, y), {})
+            model_trace, guide_trace = traces
+            loss = warn_if_nan(self.elbo._negative_elbo(model_trace, guide_trace), "loss")
+        self.one_pass = supports_one_pass(model_trace, guide_trace)
+        return loss
 
 
 class TrainingStep:
@@ -130,6 +150,7 @@ class TrainingStep:
         num_particles: int = 1,
         local_reparameterization: bool = True,
         distributed: bool = False,
+        one_pass: bool = True,
     ):
         self.model = model
         self.guide = guide
@@ -142,7 +163,8 @@ class TrainingStep:
         )
         self.steps_taken = 0
         self._observed = _ObservedLogits()
-        self.loss = _NegativeELBO(model, guide, self.elbo, handler, self._observed)
+        one_pass = one_pass and local_reparameterization and num_particles == 1
+        self.loss = _NegativeELBO(model, guide, self.elbo, handler, self._observed, one_pass)
         if distributed:
             self.loss = bc_distributed.data_parallel(self.loss)
 

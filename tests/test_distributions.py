@@ -7,7 +7,14 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 from torch.distributions import kl_divergence
 
-from pyro_bc.distributions import ImproperLogUniform, log_alpha, molchanov_kl
+from pyro_bc.distributions import (
+    ImproperLogUniform,
+    NormalLogVar,
+    StandardNormal,
+    kl_sum,
+    log_alpha,
+    molchanov_kl,
+)
 
 TAU0 = 1e-5
 EULER_GAMMA = 0.5772156649015329
@@ -279,3 +286,13 @@ def test_trace_mean_field_elbo_uses_closed_forms():
     losses[0].backward()
     for name, value in pyro.get_param_store().named_parameters():
         assert value.grad is not None and torch.isfinite(value.grad).all(), name
+
+
+def test_kl_sum_is_the_summed_kl_divergence():
+    q = NormalLogVar(torch.randn(4, 3), torch.randn(4, 3))
+    expected = kl_divergence(q, StandardNormal((4, 3))).sum()
+    torch.testing.assert_close(kl_sum(q, StandardNormal((4, 3))), expected)
+    # a prior broadcast wider than the guide takes the elementwise rule
+    torch.testing.assert_close(kl_sum(q, StandardNormal((2, 4, 3))), 2 * expected)
+    q, p = dist.Normal(torch.ones(3), 1.0), dist.Normal(torch.zeros(3), 2.0)
+    torch.testing.assert_close(kl_sum(q, p), kl_divergence(q, p).sum())
