@@ -142,7 +142,8 @@ class HandWrittenGNJ(torch.nn.Module):
                 (self.w_loc[i], w_log_var, w_var),
                 (self.b_loc[i], b_log_var, b_var),
             ):
-                kl = kl + 0.5 * (loc.pow(2) + v - 1 - log_var).sum()
+                # each term summed on its own, as pyro_bc.distributions.kl_sum does
+                kl = kl + 0.5 * (loc.pow(2).sum() + v.sum() - log_var.sum() - loc.numel())
         nll = F.cross_entropy(x, y, reduction="sum") * (self.dataset_size / len(y))
         return nll + kl
 
