@@ -69,6 +69,26 @@ def test_bits_are_lowered_only_within_the_budget():
     assert budgeted.validation_error == 0.0
 
 
+def test_bits_are_widened_where_the_papers_rule_alone_breaks_the_budget():
+    _, guide, validation = _model_and_data(seed=3)
+    with torch.no_grad():  # uncertain weights: the rule gives them few bits
+        for layer in guide.layers:
+            layer.weight.log_var.fill_(1.0)
+    paper = pyro_bc.compress(guide).report
+    assert paper.layers[0].frac_bits <= 1
+    rounded = pyro_bc.compress(guide, thresholds=10.0, validation=None)
+    assert rounded.evaluate(validation)["error"] > 0.05
+    budgeted = pyro_bc.compress(guide, validation=validation, max_error_increase=0.0).report
+    assert budgeted.validation_error == 0.0
+    assert any(
+        after.frac_bits > before.frac_bits
+        for before, after in zip(paper.layers, budgeted.layers, strict=True)
+    )
+    for before, after in zip(paper.layers, budgeted.layers, strict=True):
+        expected = "variance" if after.frac_bits == before.frac_bits else "budget"
+        assert after.bits_rule == expected
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

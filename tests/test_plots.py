@@ -138,6 +138,15 @@ def test_pruning_histograms_count_every_group_and_draw_the_threshold(tmp_path):
     assert (tmp_path / "h.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def test_pruning_histograms_of_a_layer_that_prunes_nothing_draw_no_threshold(tmp_path):
+    _, guide = _tiny()
+    fig = plots.pruning_histograms(guide, {"conv1": math.inf, "fc1": -1.5, "fc2": -3.0})
+    first = [ax for ax in fig.axes if ax.get_visible()][0]
+    assert not [line for line in first.lines if line.get_label().startswith("threshold")]
+    assert sum(p.get_height() for p in first.patches) == 4
+    assert all(math.isfinite(x) for x in first.get_xlim())
+
+
 def test_bits_per_layer_shows_the_report():
     _, guide = _tiny()
     compressed = pyro_bc.compress(guide)

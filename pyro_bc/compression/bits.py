@@ -63,6 +63,16 @@ def exponent_bits(max_abs_weight: float) -> int:
     return math.ceil(math.log2(math.log2(m) + 1) + 1)
 
 
+def by_rule(bits, site: str) -> bool:
+    """Whether compress's ``bits`` argument leaves ``site``'s width to the paper's rule.
+
+    Example::
+
+        by_rule({"fc1": 4}, "fc2")  # True: layers not named are "auto"
+    """
+    return bits == "auto" or (isinstance(bits, dict) and bits.get(site, "auto") == "auto")
+
+
 def resolve_bits(bits, kept_vars: dict) -> dict:
     """``{layer: t or None}`` from compress's ``bits`` argument and each layer's kept weight
     variances: ``"auto"`` applies :func:`significand_bits`, an int is taken as given, None keeps

@@ -24,11 +24,14 @@ import math
 
 import torch
 
-from .bits import resolve_bits
+from ..fixed_point import MAX_FRACTION_BITS
+from .bits import by_rule, resolve_bits
 from .masks import plan_masks
 from .thinning import kept_parameters, thin
 
 PASSES = (0.5, 1.0)
+#: the most fraction bits added to the paper's widths when they alone break the budget
+MAX_EXTRA_BITS = 8
 
 
 def ranked(summaries) -> dict:
@@ -63,6 +66,7 @@ class _Search:
     def __init__(self, analysis, means, validation, bits=None):
         self.analysis = analysis
         self.bits = bits  # compress's bits argument, resolved for every candidate
+        self.extra_bits = 0  # added to the widths of the paper's rule (see widen_rule)
         self.means = means
         self.validation = validation
         self.order = ranked(analysis.summaries)
@@ -96,7 +100,11 @@ class _Search:
             for site, plan in plans.items()
         }
         if bits is None:
-            bits = resolve_bits(self.bits, {site: k[1] for site, k in kept.items()})
+            bits = widened(
+                self.bits,
+                resolve_bits(self.bits, {site: k[1] for site, k in kept.items()}),
+                self.extra_bits,
+            )
         try:
             network, _ = thin(self.analysis.chain, plans, kept, bits, self.analysis.shape)
         except ValueError:
@@ -109,15 +117,22 @@ class _Search:
 
 
 def search_thresholds(analysis, means, validation, dense_error, max_error_increase, bits="auto"):
-    """``{site: k}``, the number of groups pruned per layer, and the thresholds they amount to
-    (``{site: (threshold, "budget")}``). ``bits`` is compress's argument.
+    """``{site: k}``, the number of groups pruned per layer, the thresholds they amount to
+    (``{site: (threshold, "budget")}``) and the fraction bits added to the paper's widths
+    because they alone broke the budget (0 mostly; :func:`widened`). ``bits`` is compress's
+    argument.
 
     Example::
 
-        pruned, thresholds = search_thresholds(analysis, {}, val_loader, 0.0158, 0.001)
+        pruned, thresholds, extra = search_thresholds(analysis, {}, val_loader, 0.0158, 0.001)
     """
     search = _Search(analysis, means, validation, bits)
     pruned = dict.fromkeys(analysis.summaries, 0)
+    # where the paper's widths alone break the budget, every candidate gets wider ones
+    while search.extra_bits < MAX_EXTRA_BITS and not search.within(
+        pruned, dense_error + max_error_increase
+    ):
+        search.extra_bits += 1
     everything = search.weights_kept(pruned)
     # the weights one more pruned group of each layer removes from the whole network
     gain = {
@@ -140,7 +155,23 @@ def search_thresholds(analysis, means, validation, dense_error, max_error_increa
     for site, k in pruned.items():
         values = analysis.summaries[site].log_alpha[search.order[site]].double()
         thresholds[site] = (_between(values, k), "budget")
-    return pruned, thresholds
+    return pruned, thresholds, search.extra_bits
+
+
+def widened(bits, frac_bits: dict, extra: int) -> dict:
+    """``frac_bits`` with ``extra`` more fraction bits on the layers whose width is the paper's
+    rule (``bits`` ``"auto"`` for them), at most :data:`~pyro_bc.fixed_point` allows.
+
+    Example::
+
+        widened("auto", {"fc1": 3, "fc2": 5}, 2)  # {'fc1': 5, 'fc2': 7}
+    """
+    if not extra:
+        return frac_bits
+    return {
+        site: t if t is None or not by_rule(bits, site) else min(t + extra, MAX_FRACTION_BITS)
+        for site, t in frac_bits.items()
+    }
 
 
 def _between(sorted_desc, k):

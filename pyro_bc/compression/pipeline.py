@@ -15,8 +15,8 @@ from ..compressed import CompressedNetwork
 from ..infer import evaluate
 from ..nn import BayesianLayer
 from ..predictive import network_metrics, predictive_metrics
-from .bits import exponent_bits, resolve_bits
-from .budget import keeps_of, ranked, search_bits, search_thresholds
+from .bits import by_rule, exponent_bits, resolve_bits
+from .budget import keeps_of, ranked, search_bits, search_thresholds, widened
 from .calibration import input_means
 from .chain import trace_chain
 from .masks import LayerMasks, plan_masks
@@ -205,7 +205,7 @@ def compress(
         dense = evaluate(analysis.model, guide, validation)
         base = dense["error"] if reference_error is None else reference_error
         allowed = base + max_error_increase
-        pruned, analysis.thresholds = search_thresholds(
+        pruned, analysis.thresholds, extra_bits = search_thresholds(
             analysis, means, validation, base, max_error_increase, bits
         )
         keeps = keeps_of(ranked(analysis.summaries), pruned)
@@ -218,14 +218,15 @@ def compress(
     }
     frac_bits = resolve_bits(bits, {site: k[1] for site, k in kept.items()})
     bit_rules = {
-        site: "float32" if t is None else ("variance" if _auto(bits, site) else "given")
+        site: "float32" if t is None else ("variance" if by_rule(bits, site) else "given")
         for site, t in frac_bits.items()
     }
-    if budget is not None and bits == "auto":
-        frac_bits, lowered = search_bits(
-            analysis, means, validation, budget[1], budget[2], frac_bits
-        )
-        bit_rules.update(dict.fromkeys(lowered, "budget"))
+    if budget is not None:
+        rule = frac_bits
+        frac_bits = widened(bits, frac_bits, extra_bits)
+        if bits == "auto":
+            frac_bits, _ = search_bits(analysis, means, validation, budget[1], budget[2], frac_bits)
+        bit_rules.update({site: "budget" for site, t in frac_bits.items() if t != rule[site]})
 
     network, widths = thin(analysis.chain, analysis.plans, kept, frac_bits, analysis.shape)
     quantized = [kept[site][0] for site, t in frac_bits.items() if t is not None]
@@ -266,10 +267,6 @@ def compress(
             report.predictive_samples = predictive_samples
     network.report = report
     return network
-
-
-def _auto(bits, site):
-    return bits == "auto" or (isinstance(bits, dict) and bits.get(site, "auto") == "auto")
 
 
 def _layer_report(link, analysis, kept, frac_bits, bit_rules, e, widths):

@@ -300,18 +300,19 @@ def pruning_histograms(
         edges = _edges(values, m.threshold, bins)
         ax.hist(values[below], bins=edges, color=KEPT_COLOR, label=f"kept ({below.sum()})")
         ax.hist(values[~below], bins=edges, color=PRUNED_COLOR, label=f"pruned ({(~below).sum()})")
-        ax.axvline(
-            m.threshold,
-            color="black",
-            linewidth=1.5,
-            label=f"threshold {m.threshold:.3g} ({m.threshold_rule})",
-        )
+        if math.isfinite(m.threshold):  # a layer the budget prunes nothing of has inf
+            ax.axvline(
+                m.threshold,
+                color="black",
+                linewidth=1.5,
+                label=f"threshold {m.threshold:.3g} ({m.threshold_rule})",
+            )
         valley = histogram_valley(m.log_alpha, min_separation=m.mode_separation)
         if valley is not None and abs(valley - m.threshold) > 1e-9:
             ax.axvline(
                 valley, color="tab:orange", linestyle="--", label=f"valley ('auto') {valley:.3g}"
             )
-        lines = [m.threshold] + ([] if valley is None else [valley])
+        lines = [t for t in (m.threshold, valley) if t is not None and math.isfinite(t)]
         pad = 0.03 * (max(edges[-1], *lines) - min(edges[0], *lines))
         ax.set_xlim(min(edges[0], *lines) - pad, max(edges[-1], *lines) + pad)
         title = f"{name}: {int(below.sum())} kept / {int((~below).sum())} pruned"
