@@ -78,6 +78,8 @@ _LENET300 = {
     "epochs": 170,
     "decay_epochs": 20,
     "max_error_increase": 0.001,
+    "retrain_epochs": 20,
+    "prune_error_increase": 0.005,
 }
 _LENET5 = {"lr": 3e-3, "epochs": 70, "decay_epochs": 10, "max_error_increase": 0.001}
 # not yet tuned by a full CIFAR-10 run: the LeNets' Adam settings, a longer pretraining
@@ -90,7 +92,9 @@ _VGG16 = {
 }
 RECIPES = {
     ("lenet300", "gnj"): Recipe(**_LENET300),
-    ("lenet300", "ghs"): Recipe(**{**_LENET300, "epochs": 80}, rescale=True, tau0=1e-5),
+    ("lenet300", "ghs"): Recipe(
+        **{**_LENET300, "epochs": 100, "lr": 3e-3}, rescale=True, tau0=1e-5
+    ),
     ("lenet300", "rhs"): Recipe(**_LENET300, rescale=True, tau0=1e-5),
     ("lenet5", "gnj"): Recipe(**_LENET5),
     ("lenet5", "ghs"): Recipe(**_LENET5, rescale=True, tau0=1e-5),

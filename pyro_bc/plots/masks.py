@@ -313,8 +313,9 @@ def pruning_histograms(
                 valley, color="tab:orange", linestyle="--", label=f"valley ('auto') {valley:.3g}"
             )
         lines = [t for t in (m.threshold, valley) if t is not None and math.isfinite(t)]
-        pad = 0.03 * (max(edges[-1], *lines) - min(edges[0], *lines))
-        ax.set_xlim(min(edges[0], *lines) - pad, max(edges[-1], *lines) + pad)
+        low, high = min([edges[0], *lines]), max([edges[-1], *lines])
+        pad = 0.03 * (high - low)
+        ax.set_xlim(low - pad, high + pad)
         title = f"{name}: {int(below.sum())} kept / {int((~below).sum())} pruned"
         extra = int(below.sum()) - int(m.groups_kept.sum())
         if extra:
