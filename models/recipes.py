@@ -81,7 +81,14 @@ _LENET300 = {
     "retrain_epochs": 20,
     "prune_error_increase": 0.005,
 }
-_LENET5 = {"lr": 3e-3, "epochs": 70, "decay_epochs": 10, "max_error_increase": 0.001}
+_LENET5 = {
+    "lr": 3e-3,
+    "epochs": 70,
+    "decay_epochs": 10,
+    "max_error_increase": 0.001,
+    "retrain_epochs": 20,
+    "prune_error_increase": 0.005,
+}
 # not yet tuned by a full CIFAR-10 run: the LeNets' Adam settings, a longer pretraining
 _VGG16 = {
     "epochs": 200,
