@@ -143,6 +143,20 @@ def _retrained_if_smaller(guide, compressed, retraining, kwargs):
     return (retrained, thinned) if smaller else (compressed, guide)
 
 
+def _retraining(train_loader, epochs, r, args, max_error_increase):
+    """What ``_retrained_if_smaller`` needs: the recipe's, unless the options say otherwise."""
+    looser = (
+        r.prune_error_increase if args.prune_error_increase is None else args.prune_error_increase
+    )
+    return {
+        "train_loader": train_loader,
+        "epochs": epochs,
+        "lr": r.retrain_lr,
+        "prune_error_increase": max(max_error_increase, looser),
+        "seed": getattr(args, "seed", 0),
+    }
+
+
 def _figures(guide, compressed, out, history=None):
     plots.pruning_histograms(guide, compressed=compressed, path=out / "pruning-histograms.png")
     plots.weight_matrices(guide, compressed, path=out / "weights.png")
@@ -275,18 +289,7 @@ def run(args):
     retrain_epochs = r.retrain_epochs if args.retrain_epochs is None else args.retrain_epochs
     retraining = None
     if retrain_epochs and budget:
-        retraining = {
-            "train_loader": train_loader,
-            "epochs": retrain_epochs,
-            "lr": r.retrain_lr,
-            "prune_error_increase": max(
-                max_error_increase,
-                r.prune_error_increase
-                if args.prune_error_increase is None
-                else args.prune_error_increase,
-            ),
-            "seed": args.seed,
-        }
+        retraining = _retraining(train_loader, retrain_epochs, r, args, max_error_increase)
     compressed, compressed_from = _compress(
         guide,
         out,
@@ -376,20 +379,10 @@ def compress_checkpoint(args):
             kwargs["validation"] = _in_order(data.validation_x, data.validation_y)
             kwargs["max_error_increase"] = args.max_error_increase
             if args.retrain_epochs:
-                kwargs["retraining"] = {
-                    "train_loader": TensorBatches(
-                        data.train_x, data.train_y, r.batch_size, shuffle=True
-                    ),
-                    "epochs": args.retrain_epochs,
-                    "lr": r.retrain_lr,
-                    "prune_error_increase": max(
-                        args.max_error_increase,
-                        r.prune_error_increase
-                        if args.prune_error_increase is None
-                        else args.prune_error_increase,
-                    ),
-                    "seed": 0,
-                }
+                loader = TensorBatches(data.train_x, data.train_y, r.batch_size, shuffle=True)
+                kwargs["retraining"] = _retraining(
+                    loader, args.retrain_epochs, r, args, args.max_error_increase
+                )
     if args.retrain_epochs and "retraining" not in kwargs:
         raise CommandError("--retrain-epochs needs --max-error-increase and data")
     out = args.out or args.checkpoint.parent
