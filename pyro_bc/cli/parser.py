@@ -103,6 +103,19 @@ def _recipes_table():
     )
 
 
+def _pruning_options(command):
+    """How ``command`` chooses what to prune: thresholds or an error budget, and retraining."""
+    how = command.add_mutually_exclusive_group()
+    how.add_argument("--thresholds", metavar="T", type=parse_thresholds, help=THRESHOLDS_HELP)
+    how.add_argument("--max-error-increase", metavar="F", type=error_fraction, help=BUDGET_HELP)
+    command.add_argument(
+        "--retrain-epochs", metavar="N", type=non_negative_int, help=RETRAIN_EPOCHS_HELP
+    )
+    command.add_argument(
+        "--prune-error-increase", metavar="F", type=error_fraction, help=PRUNE_BUDGET_HELP
+    )
+
+
 def _figures_option(command):
     command.add_argument(
         "--no-figures",
@@ -200,13 +213,7 @@ def parser() -> argparse.ArgumentParser:
         help="samples of the Monte Carlo predictive for the reported test error (0: none)",
     )
     r.add_argument("--validation", type=non_negative_int, metavar="N", help=VALIDATION_HELP)
-    how = r.add_mutually_exclusive_group()
-    how.add_argument("--thresholds", metavar="T", type=parse_thresholds, help=THRESHOLDS_HELP)
-    how.add_argument("--max-error-increase", metavar="F", type=error_fraction, help=BUDGET_HELP)
-    r.add_argument("--retrain-epochs", metavar="N", type=non_negative_int, help=RETRAIN_EPOCHS_HELP)
-    r.add_argument(
-        "--prune-error-increase", metavar="F", type=error_fraction, help=PRUNE_BUDGET_HELP
-    )
+    _pruning_options(r)
     r.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:N or mps")
     r.add_argument("--seed", type=seed, default=0, help="seed of every random draw")
     r.add_argument(
@@ -240,13 +247,7 @@ def parser() -> argparse.ArgumentParser:
         metavar="N",
         help="hold out the last N training images (default: as many as run held out)",
     )
-    how = c.add_mutually_exclusive_group()
-    how.add_argument("--thresholds", metavar="T", type=parse_thresholds, help=THRESHOLDS_HELP)
-    how.add_argument("--max-error-increase", metavar="F", type=error_fraction, help=BUDGET_HELP)
-    c.add_argument("--retrain-epochs", metavar="N", type=non_negative_int, help=RETRAIN_EPOCHS_HELP)
-    c.add_argument(
-        "--prune-error-increase", metavar="F", type=error_fraction, help=PRUNE_BUDGET_HELP
-    )
+    _pruning_options(c)
     c.add_argument(
         "--out", type=output_folder, help="output folder (default: the checkpoint's folder)"
     )
