@@ -76,7 +76,7 @@ def test_bits_are_widened_where_the_papers_rule_alone_breaks_the_budget():
             layer.weight.log_var.fill_(1.0)
     paper = pyro_bc.compress(guide).report
     assert paper.layers[0].frac_bits <= 1
-    rounded = pyro_bc.compress(guide, thresholds=10.0, validation=None)
+    rounded = pyro_bc.compress(guide, thresholds=10.0)
     assert rounded.evaluate(validation)["error"] > 0.05
     budgeted = pyro_bc.compress(guide, validation=validation, max_error_increase=0.0).report
     assert budgeted.validation_error == 0.0

@@ -189,15 +189,14 @@ def _between(sorted_desc, k):
 
 def search_bits(analysis, means, validation, allowed_error, pruned, frac_bits):
     """Lowers each layer's fraction bits (largest layer first) while the quantized network's
-    validation error stays within ``allowed_error``; returns the new ``{site: t}`` and the sites
-    whose bits were lowered.
+    validation error stays within ``allowed_error``; returns the new ``{site: t}``.
 
     Example::
 
-        bits, lowered = search_bits(analysis, means, val_loader, 0.017, pruned, {"fc1": 6})
+        bits = search_bits(analysis, means, val_loader, 0.017, pruned, {"fc1": 6})
     """
     search = _Search(analysis, means, validation)
-    bits, lowered = dict(frac_bits), set()
+    bits = dict(frac_bits)
     sizes = {site: s.weight_mean.numel() for site, s in analysis.summaries.items()}
     for site in sorted(sizes, key=sizes.get, reverse=True):
         if bits[site] is None:
@@ -211,7 +210,5 @@ def search_bits(analysis, means, validation, allowed_error, pruned, frac_bits):
                 high = mid
             else:
                 low = mid + 1
-        if high < bits[site]:
-            bits[site] = high
-            lowered.add(site)
-    return bits, lowered
+        bits[site] = high
+    return bits

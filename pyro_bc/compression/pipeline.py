@@ -225,7 +225,7 @@ def compress(
         rule = frac_bits
         frac_bits = widened(bits, frac_bits, extra_bits)
         if bits == "auto":
-            frac_bits, _ = search_bits(analysis, means, validation, budget[1], budget[2], frac_bits)
+            frac_bits = search_bits(analysis, means, validation, budget[1], budget[2], frac_bits)
         bit_rules.update({site: "budget" for site, t in frac_bits.items() if t != rule[site]})
 
     network, widths = thin(analysis.chain, analysis.plans, kept, frac_bits, analysis.shape)
