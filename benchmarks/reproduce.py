@@ -178,6 +178,7 @@ def reproduce(args):
             prune_error_increase=r.prune_error_increase,
             epochs=r.retrain_epochs,
             lr=r.retrain_lr,
+            rounds=r.retrain_rounds,
             seed=args.seed,
             test_loader=loaders.test,
         )
@@ -259,9 +260,12 @@ def write_table():
         if result.get("report_with_retraining"):
             retrained = result["report_with_retraining"]
             how = retrained["retraining"]
+            rounds = how.get("rounds", 1)
+            chosen_round = f" (round {how['round']} of {rounds})" if rounds > 1 else ""
             variants.append(
                 (
-                    f"{how['epochs']} epochs from +{100 * how['prune_error_increase']:.2g} pt",
+                    f"{how['epochs']} epochs from +{100 * how['prune_error_increase']:.2g} pt"
+                    + chosen_round,
                     retrained,
                 )
             )

@@ -43,6 +43,7 @@ class Recipe:
     :ivar retrain_epochs: epochs of SVI on the thinned posterior after pruning to the looser
         budget ``prune_error_increase`` (Adam at ``retrain_lr`` decaying to 0), compressed again
         within ``max_error_increase`` (:func:`pyro_bc.compression.compress_retrained`); 0: none.
+        ``retrain_rounds`` times, each round pruning the posterior the last one retrained.
     :ivar dataset: the data set the network is made for: ``"mnist"`` or ``"cifar10"``.
 
     Example::
@@ -62,6 +63,7 @@ class Recipe:
     batch_size: int = 128
     retrain_epochs: int = 0
     retrain_lr: float = 1e-3
+    retrain_rounds: int = 1
     prune_error_increase: float = 0.005
     dataset: str = "mnist"
     notes: dict = field(default_factory=dict)
@@ -79,6 +81,7 @@ _LENET300 = {
     "decay_epochs": 20,
     "max_error_increase": 0.001,
     "retrain_epochs": 20,
+    "retrain_rounds": 3,
     "prune_error_increase": 0.005,
 }
 _LENET5 = {
@@ -87,6 +90,7 @@ _LENET5 = {
     "decay_epochs": 10,
     "max_error_increase": 0.001,
     "retrain_epochs": 20,
+    "retrain_rounds": 3,
     "prune_error_increase": 0.005,
 }
 # not yet tuned by a full CIFAR-10 run: the LeNets' Adam settings, a longer pretraining

@@ -125,6 +125,12 @@ def test_retraining_needs_a_budget(run_folder, capsys):
     assert "--max-error-increase" in capsys.readouterr().err
 
 
+def test_retraining_rounds_need_retraining(run_folder, capsys):
+    argv = ["compress", str(run_folder / "checkpoint.pt"), "--max-error-increase", "0.01"]
+    assert main([*argv, "--retrain-rounds", "2"]) == 2
+    assert "--retrain-rounds needs --retrain-epochs" in capsys.readouterr().err
+
+
 def test_run_takes_the_recipe_where_options_are_not_given(tmp_path, monkeypatch):
     quick = Recipe(
         clip_var={"fc1": 0.04},
@@ -303,6 +309,8 @@ def error_cases(run_folder, tmp):
         (["run", "--mc-samples", "-1"], "--mc-samples"),
         (["run", "--validation", "-5"], "--validation"),
         (["run", "--pretrain-epochs", "-1"], "--pretrain-epochs"),
+        (["run", "--retrain-rounds", "0"], "--retrain-rounds"),
+        (["run", "--retrain-epochs", "0", "--retrain-rounds", "2"], "--retrain-epochs"),
         (["run", "--max-error-increase", "1"], "--max-error-increase"),
         (["run", "--max-error-increase", "-0.1"], "--max-error-increase"),
         (["run", "--thresholds", "=3"], "LAYER=VALUE"),

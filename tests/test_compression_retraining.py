@@ -7,7 +7,7 @@ from test_compression_budget import USELESS, _model_and_data
 from pyro_bc.compression import compress_retrained
 
 
-def _retrained(prune_error_increase, epochs=1, lr=1e-4, seed=0):
+def _retrained(prune_error_increase, epochs=1, lr=1e-4, seed=0, rounds=1, budget=0.0):
     model, guide, loader = _model_and_data(seed=seed)
     model.dataset_size = len(loader.dataset)
     with torch.no_grad():  # no ties between pruning quantities, so thresholds rank the groups
@@ -19,10 +19,11 @@ def _retrained(prune_error_increase, epochs=1, lr=1e-4, seed=0):
         guide,
         loader,
         validation=loader,
-        max_error_increase=0.0,
+        max_error_increase=budget,
         prune_error_increase=prune_error_increase,
         epochs=epochs,
         lr=lr,
+        rounds=rounds,
         seed=0,
     )
     return compressed.report
@@ -46,11 +47,27 @@ def test_retraining_wins_back_error_that_pruning_cost():
     assert report.dense_validation_error < thinned
 
 
+def test_rounds_prune_from_the_last_retrained_posterior_and_keep_the_smallest_within_budget():
+    report = _retrained(0.15, epochs=10, lr=3e-2, rounds=3, budget=0.05)
+    history = report.retraining["history"]
+    assert [h["round"] for h in history] == [1, 2, 3]
+    kept = [sum(int(u) for u in h["thinned_architecture"].split("-")) for h in history]
+    assert kept == sorted(kept, reverse=True)  # each round starts from the last one's network
+    allowed = report.reference_validation_error + 0.05
+    within = [h for h in history if h["validation_error"] <= allowed]
+    assert within and len(within) < len(history)  # a smaller round over the budget is not kept
+    best = min(within, key=lambda h: h["weights_kept"])
+    assert report.retraining["round"] == best["round"]
+    assert report.weights_kept == best["weights_kept"]
+    assert f"round {best['round']} of 3" in str(report)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
         ({"max_error_increase": 0.01, "prune_error_increase": 0.0}, "prune_error_increase"),
         ({"epochs": 0}, "epochs"),
+        ({"rounds": 0}, "rounds"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -128,6 +128,7 @@ def _retrained_if_smaller(guide, compressed, retraining, kwargs):
         prune_error_increase=retraining["prune_error_increase"],
         epochs=retraining["epochs"],
         lr=retraining["lr"],
+        rounds=retraining["rounds"],
         seed=retraining["seed"],
         test_loader=kwargs.get("test_loader"),
     )
@@ -152,6 +153,7 @@ def _retraining(train_loader, epochs, r, args, max_error_increase):
         "train_loader": train_loader,
         "epochs": epochs,
         "lr": r.retrain_lr,
+        "rounds": r.retrain_rounds if args.retrain_rounds is None else args.retrain_rounds,
         "prune_error_increase": max(max_error_increase, looser),
         "seed": getattr(args, "seed", 0),
     }
@@ -207,6 +209,9 @@ def run(args):
     options = _network_options(args.width, args.model)
     if args.max_error_increase is not None and args.validation == 0:
         raise CommandError("--max-error-increase needs validation images: --validation N > 0")
+    retrain_epochs = r.retrain_epochs if args.retrain_epochs is None else args.retrain_epochs
+    if args.retrain_rounds and not retrain_epochs:
+        raise CommandError("--retrain-rounds needs --retrain-epochs (the recipe retrains none)")
     out = args.out
     checkpoint = out / "checkpoint.pt"
     resuming = args.resume and checkpoint.exists()
@@ -286,7 +291,6 @@ def run(args):
             "validation": _in_order(data.validation_x, data.validation_y),
             "max_error_increase": max_error_increase,
         }
-    retrain_epochs = r.retrain_epochs if args.retrain_epochs is None else args.retrain_epochs
     retraining = None
     if retrain_epochs and budget:
         retraining = _retraining(train_loader, retrain_epochs, r, args, max_error_increase)
@@ -385,6 +389,8 @@ def compress_checkpoint(args):
                 )
     if args.retrain_epochs and "retraining" not in kwargs:
         raise CommandError("--retrain-epochs needs --max-error-increase and data")
+    if args.retrain_rounds and not args.retrain_epochs:
+        raise CommandError("--retrain-rounds needs --retrain-epochs")
     out = args.out or args.checkpoint.parent
     compressed, compressed_from = _compress(guide, out, **kwargs)
     if args.figures:

@@ -86,6 +86,10 @@ RETRAIN_EPOCHS_HELP = (
     "posterior this many epochs and compress it again within the budget; the smaller network "
     "within the budget is kept (0: none; default: the recipe's for run, 0 for compress)"
 )
+RETRAIN_ROUNDS_HELP = (
+    "with --retrain-epochs: prune and retrain this many times, each round from the last one's "
+    "posterior; the smallest round within the budget is kept (default: the recipe's)"
+)
 PRUNE_BUDGET_HELP = (
     "the looser validation budget of the pruning before retraining (default: the recipe's)"
 )
@@ -110,6 +114,9 @@ def _pruning_options(command):
     how.add_argument("--max-error-increase", metavar="F", type=error_fraction, help=BUDGET_HELP)
     command.add_argument(
         "--retrain-epochs", metavar="N", type=non_negative_int, help=RETRAIN_EPOCHS_HELP
+    )
+    command.add_argument(
+        "--retrain-rounds", metavar="N", type=positive_int, help=RETRAIN_ROUNDS_HELP
     )
     command.add_argument(
         "--prune-error-increase", metavar="F", type=error_fraction, help=PRUNE_BUDGET_HELP

@@ -229,6 +229,7 @@ def _format_report(r):
             f"retraining       {t['epochs']} epochs of SVI (lr {t['lr']:g}) on the posterior "
             f"thinned to {t['thinned_architecture']} (validation budget "
             f"+{t['prune_error_increase']:.2%}), then compressed again"
+            + (f" (round {t['round']} of {t['rounds']})" if t.get("rounds", 1) > 1 else "")
         )
     if r.validation_error is not None:
         reference = ""

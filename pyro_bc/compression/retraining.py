@@ -4,8 +4,9 @@ Pruning to a network that is smaller than the error budget allows costs accuracy
 remaining groups can win back: :func:`compress_retrained` prunes with a looser validation budget,
 continues SVI on the thinned posterior (:func:`~pyro_bc.compression.thin_posterior`, the guide
 restricted to the kept groups) for a few epochs, and compresses that posterior again within the
-real budget, counted from the validation error of the *original* dense network. Every choice is
-made on the validation data. See ``docs/method.md#retraining``.
+real budget, counted from the validation error of the *original* dense network. It may repeat
+this, each round pruning the posterior the last one retrained. Every choice is made on the
+validation data. See ``docs/method.md#retraining``.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ def compress_retrained(
     prune_error_increase: float,
     epochs: int,
     lr: float,
+    rounds: int = 1,
     seed: int | None = None,
     progress: bool = False,
     **options,
 ):
-    """Compresses ``guide`` with retraining after pruning.
+    """Compresses ``guide`` with retraining after pruning, in one round or more.
 
     :param train_loader: the training batches: SVI runs on them and they calibrate the pruned
         inputs (``compress(..., calibration=)``).
@@ -38,13 +40,20 @@ def compress_retrained(
     :param prune_error_increase: the looser budget of the first pruning (at least
         ``max_error_increase``).
     :param epochs: epochs of SVI on the thinned posterior, Adam at ``lr`` decaying linearly to 0.
+    :param rounds: how many times to prune (within ``prune_error_increase`` of the original
+        dense network's validation error) and retrain, each round starting from the posterior
+        the last one retrained. Every round's posterior is compressed within
+        ``max_error_increase``; the smallest of those networks that keeps to the budget on the
+        validation data is returned (the first round's if none does). Round ``r`` trains with
+        ``seed + r - 1``.
     :param options: more arguments of :func:`~pyro_bc.compress` for the final compression
         (``bits``, ``test_loader``, ``predictive_samples``).
 
     :returns: ``(compressed, thinned)``: the :class:`~pyro_bc.CompressedNetwork` and the retrained
         thinned guide it was compressed from (``thinned.model`` is its Bayesian network). The
         report's ``retraining`` records the epochs, the learning rate, the looser budget and the
-        thinned architecture; its rates count against ``guide``'s full network. The network may
+        thinned architecture, and every round's size and validation error; its rates count
+        against ``guide``'s full network. The network may
         miss the budget if retraining does not win the error back: :func:`retraining_pays`
         compares it with ``compress`` without retraining.
 
@@ -63,42 +72,66 @@ def compress_retrained(
         )
     if epochs < 1:
         raise ValueError(f"compress_retrained: epochs must be at least 1, got {epochs}")
+    if rounds < 1:
+        raise ValueError(f"compress_retrained: rounds must be at least 1, got {rounds}")
     reference = evaluate(guide.model, guide, validation)["error"]
-    pruned = compress(
-        guide,
-        calibration=train_loader,
-        validation=validation,
-        max_error_increase=prune_error_increase,
-        predictive_samples=0,
-    )
-    thresholds = {layer.name: layer.threshold for layer in pruned.report.layers}
-    thinned = thin_posterior(guide, thresholds, calibration=train_loader)
-    fit(
-        thinned.model,
-        thinned,
-        train_loader,
-        epochs=epochs,
-        lr=lr,
-        lr_schedule=linear_decay(0, epochs),
-        seed=seed,
-        progress=progress,
-    )
-    compressed = compress(
-        thinned,
-        calibration=train_loader,
-        validation=validation,
-        max_error_increase=max_error_increase,
-        reference_error=reference,
-        **options,
+    allowed = reference + max_error_increase
+    posterior, candidates, history = guide, [], []
+    for round_ in range(1, rounds + 1):
+        pruned = compress(
+            posterior,
+            calibration=train_loader,
+            validation=validation,
+            max_error_increase=prune_error_increase,
+            reference_error=reference,
+            predictive_samples=0,
+        )
+        thresholds = {layer.name: layer.threshold for layer in pruned.report.layers}
+        posterior = thin_posterior(posterior, thresholds, calibration=train_loader)
+        fit(
+            posterior.model,
+            posterior,
+            train_loader,
+            epochs=epochs,
+            lr=lr,
+            lr_schedule=linear_decay(0, epochs),
+            seed=None if seed is None else seed + round_ - 1,
+            progress=progress,
+        )
+        compressed = compress(
+            posterior,
+            calibration=train_loader,
+            validation=validation,
+            max_error_increase=max_error_increase,
+            reference_error=reference,
+            **options,
+        )
+        report = compressed.report
+        history.append(
+            {
+                "round": round_,
+                "thinned_architecture": pruned.report.architecture.split(" -> ")[-1],
+                "thinned_validation_error": pruned.report.validation_error,
+                "weights_kept": report.weights_kept,
+                "validation_error": report.validation_error,
+            }
+        )
+        candidates.append((compressed, posterior, history[-1]))
+    within = [c for c in candidates if c[0].report.validation_error <= allowed]
+    compressed, posterior, chosen = (
+        min(within, key=lambda c: c[0].report.weights_kept) if within else candidates[0]
     )
     compressed.report.retraining = {
         "epochs": epochs,
         "lr": lr,
         "prune_error_increase": prune_error_increase,
-        "thinned_architecture": pruned.report.architecture.split(" -> ")[-1],
-        "thinned_validation_error": pruned.report.validation_error,
+        "rounds": rounds,
+        "round": chosen["round"],
+        "thinned_architecture": chosen["thinned_architecture"],
+        "thinned_validation_error": chosen["thinned_validation_error"],
+        "history": history,
     }
-    return compressed, thinned
+    return compressed, posterior
 
 
 def retraining_pays(without, retrained, max_error_increase: float) -> bool:
