@@ -74,7 +74,10 @@ class Recipe:
 
 
 # Epochs sized to train all runs side by side on 2 shared cores in about two hours; the groups
-# were still being pruned when the learning rate decayed, so longer runs compress more.
+# were still being pruned when the learning rate decayed, so longer runs compress more. The
+# retraining's looser budget was chosen on validation data: for LeNet-300-100 with the horseshoe
+# only +0.3 points kept a round within the budget (12.1x; +0.5 points: 2.03% validation error
+# against 1.91% allowed).
 _LENET300 = {
     "clip_var": {"fc1": 0.04},
     "epochs": 170,
@@ -104,7 +107,9 @@ _VGG16 = {
 RECIPES = {
     ("lenet300", "gnj"): Recipe(**_LENET300),
     ("lenet300", "ghs"): Recipe(
-        **{**_LENET300, "epochs": 100, "lr": 3e-3}, rescale=True, tau0=1e-5
+        **{**_LENET300, "epochs": 100, "lr": 3e-3, "prune_error_increase": 0.003},
+        rescale=True,
+        tau0=1e-5,
     ),
     ("lenet300", "rhs"): Recipe(**_LENET300, rescale=True, tau0=1e-5),
     ("lenet5", "gnj"): Recipe(**_LENET5),

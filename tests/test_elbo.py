@@ -157,3 +157,25 @@ def test_training_step_takes_the_one_pass_path_to_the_same_parameters():
     assert took_one_pass and not took_generic
     for name, value in generic_state.items():
         torch.testing.assert_close(one_pass_state[name], value, msg=name)
+
+
+def test_labels_are_scored_as_categorical_log_prob_and_bad_labels_still_fail():
+    from pyro_bc.elbo import _is_label_per_row, _log_prob_sum
+
+    logits = torch.randn(6, 4, requires_grad=True)
+    labels = torch.tensor([0, 3, 1, 2, 3, 0])
+    fn = dist.Categorical(logits=logits)
+    site = {"fn": fn, "value": labels, "args": (), "kwargs": {}, "scale": 2.5, "mask": None}
+    assert not _is_label_per_row(fn, labels)  # validation on: Categorical checks the labels
+    with pyro.validation_enabled(False):  # as on the training path
+        assert _is_label_per_row(fn, labels)
+        fast = _log_prob_sum(dict(site))
+        expected = (fn.log_prob(labels) * 2.5).sum()
+        for bad in (4, -100):  # out of range, and nll_loss's default ignore_index
+            with pytest.raises(IndexError):
+                _log_prob_sum({**site, "value": torch.tensor([0, 1, 2, 3, 0, bad])})
+    assert torch.equal(fast, expected)
+    assert torch.equal(
+        torch.autograd.grad(fast, logits, retain_graph=True)[0],
+        torch.autograd.grad(expected, logits)[0],
+    )
