@@ -77,7 +77,8 @@ class Recipe:
 # were still being pruned when the learning rate decayed, so longer runs compress more. The
 # retraining's looser budget was chosen on validation data: for LeNet-300-100 with the horseshoe
 # only +0.3 points kept a round within the budget (12.1x; +0.5 points: 2.03% validation error
-# against 1.91% allowed).
+# against 1.91% allowed); for LeNet-5-Caffe with the horseshoe +0.3 points kept the second round
+# (123.6x against 113.6x).
 _LENET300 = {
     "clip_var": {"fc1": 0.04},
     "epochs": 170,
@@ -113,7 +114,9 @@ RECIPES = {
     ),
     ("lenet300", "rhs"): Recipe(**_LENET300, rescale=True, tau0=1e-5),
     ("lenet5", "gnj"): Recipe(**_LENET5),
-    ("lenet5", "ghs"): Recipe(**_LENET5, rescale=True, tau0=1e-5),
+    ("lenet5", "ghs"): Recipe(
+        **{**_LENET5, "prune_error_increase": 0.003}, rescale=True, tau0=1e-5
+    ),
     ("lenet5", "rhs"): Recipe(**_LENET5, rescale=True, tau0=1e-5),
     ("vgg16", "gnj"): Recipe(**_VGG16),
     ("vgg16", "ghs"): Recipe(**_VGG16, rescale=True, tau0=1e-5),
