@@ -43,7 +43,8 @@ class Recipe:
     :ivar retrain_epochs: epochs of SVI on the thinned posterior after pruning to the looser
         budget ``prune_error_increase`` (Adam at ``retrain_lr`` decaying to 0), compressed again
         within ``max_error_increase`` (:func:`pyro_bc.compression.compress_retrained`); 0: none.
-        ``retrain_rounds`` times, each round pruning the posterior the last one retrained.
+    :ivar retrain_rounds: how many times to prune and retrain, each round from the posterior the
+        last one retrained; the smallest round's network within the budget is kept.
     :ivar dataset: the data set the network is made for: ``"mnist"`` or ``"cifar10"``.
 
     Example::

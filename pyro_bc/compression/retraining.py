@@ -53,9 +53,9 @@ def compress_retrained(
         thinned guide it was compressed from (``thinned.model`` is its Bayesian network). The
         report's ``retraining`` records the epochs, the learning rate, the looser budget and the
         thinned architecture, and every round's size and validation error; its rates count
-        against ``guide``'s full network. The network may
-        miss the budget if retraining does not win the error back: :func:`retraining_pays`
-        compares it with ``compress`` without retraining.
+        against ``guide``'s full network. The network may miss the budget if retraining does
+        not win the error back: :func:`retraining_pays` compares it with ``compress`` without
+        retraining.
 
     Example::
 
