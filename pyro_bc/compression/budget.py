@@ -66,7 +66,7 @@ class _Search:
     def __init__(self, analysis, means, validation, bits=None):
         self.analysis = analysis
         self.bits = bits  # compress's bits argument, resolved for every candidate
-        self.extra_bits = 0  # added to the widths of the paper's rule (see widen_rule)
+        self.extra_bits = 0  # added to the widths of the paper's rule (see widened)
         self.means = means
         self.validation = validation
         self.order = ranked(analysis.summaries)

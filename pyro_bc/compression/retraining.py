@@ -76,7 +76,7 @@ def compress_retrained(
         raise ValueError(f"compress_retrained: rounds must be at least 1, got {rounds}")
     reference = evaluate(guide.model, guide, validation)["error"]
     allowed = reference + max_error_increase
-    posterior, candidates, history = guide, [], []
+    posterior, candidates = guide, []  # (network, posterior, round's record) per round
     for round_ in range(1, rounds + 1):
         pruned = compress(
             posterior,
@@ -106,17 +106,14 @@ def compress_retrained(
             reference_error=reference,
             **options,
         )
-        report = compressed.report
-        history.append(
-            {
-                "round": round_,
-                "thinned_architecture": pruned.report.architecture.split(" -> ")[-1],
-                "thinned_validation_error": pruned.report.validation_error,
-                "weights_kept": report.weights_kept,
-                "validation_error": report.validation_error,
-            }
-        )
-        candidates.append((compressed, posterior, history[-1]))
+        record = {
+            "round": round_,
+            "thinned_architecture": pruned.report.architecture.split(" -> ")[-1],
+            "thinned_validation_error": pruned.report.validation_error,
+            "weights_kept": compressed.report.weights_kept,
+            "validation_error": compressed.report.validation_error,
+        }
+        candidates.append((compressed, posterior, record))
     within = [c for c in candidates if c[0].report.validation_error <= allowed]
     compressed, posterior, chosen = (
         min(within, key=lambda c: c[0].report.weights_kept) if within else candidates[0]
@@ -129,7 +126,7 @@ def compress_retrained(
         "round": chosen["round"],
         "thinned_architecture": chosen["thinned_architecture"],
         "thinned_validation_error": chosen["thinned_validation_error"],
-        "history": history,
+        "history": [record for *_, record in candidates],
     }
     return compressed, posterior
 
