@@ -5,7 +5,13 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 
 import pyro_bc
-from pyro_bc.elbo import MeanFieldELBO, one_pass_negative_elbo, supports_one_pass
+from pyro_bc.elbo import (
+    MeanFieldELBO,
+    _is_label_per_row,
+    _log_prob_sum,
+    one_pass_negative_elbo,
+    supports_one_pass,
+)
 from pyro_bc.models import LeNet300100
 from pyro_bc.nn import BayesianConv2d, BayesianLinear, BayesianNetwork
 from pyro_bc.poutine import local_reparameterization
@@ -160,8 +166,6 @@ def test_training_step_takes_the_one_pass_path_to_the_same_parameters():
 
 
 def test_labels_are_scored_as_categorical_log_prob_and_bad_labels_still_fail():
-    from pyro_bc.elbo import _is_label_per_row, _log_prob_sum
-
     logits = torch.randn(6, 4, requires_grad=True)
     labels = torch.tensor([0, 3, 1, 2, 3, 0])
     fn = dist.Categorical(logits=logits)
