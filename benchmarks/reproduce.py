@@ -7,7 +7,8 @@ Every choice is made without the test set, which is only reported:
 - training: the recipe in ``pyro_bc.models.recipes`` (pretrained deterministic twin, then SVI
   with Adam, the learning rate decaying linearly to 0 over the last epochs; LeNet-300-100 clips
   fc1's weight variances at 0.04; the horseshoe starts its scales at the pretrained weights'
-  RMS), checkpointed every epoch under ``benchmarks/runs/<network>-<prior>/`` and resumed;
+  RMS), checkpointed every epoch under ``benchmarks/runs/<network>-<prior>/`` (``-seed<N>``
+  for ``--seed N``) and resumed (``seeds.py`` re-runs a row with several seeds);
 - compression: pruned inputs replaced by their training means (calibration), then the smallest
   network whose *validation* error stays within ``--max-error-increase`` of the dense
   posterior-mean network's (``pyro_bc.compress(..., validation=, max_error_increase=)``);
@@ -28,6 +29,7 @@ import argparse
 import json
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyro
@@ -35,7 +37,7 @@ import torch
 
 import pyro_bc
 from pyro_bc import plots
-from pyro_bc.compression import compress_retrained, retraining_pays
+from pyro_bc.compression import CompressionReport, compress_retrained, retraining_pays
 from pyro_bc.datasets import load_mnist, train_validation_test_loaders
 from pyro_bc.files import write_atomically
 from pyro_bc.infer import linear_decay, pretrain
@@ -72,10 +74,14 @@ def kept_groups(model, guide, threshold=-3.0):
     }
 
 
+def run_dir(network, prior, seed=0):
+    """Where a run checkpoints: ``runs/<network>-<prior>``, with ``-seed<N>`` for other seeds."""
+    return RUNS / (f"{network}-{prior}" + (f"-seed{seed}" if seed else ""))
+
+
 def train(args, r, loaders, model, guide, network):
     """The recipe's training, resumed from the run's checkpoint; returns the history and minutes."""
-    run_dir = RUNS / f"{args.network}-{args.prior}"
-    checkpoint = run_dir / "checkpoint.pt"
+    checkpoint = run_dir(args.network, args.prior, args.seed) / "checkpoint.pt"
     started = time.perf_counter()
     if not checkpoint.exists():
         twin = pretrain(
@@ -147,16 +153,23 @@ def curves(guide, loaders):
     return by_budget, by_threshold
 
 
-def reproduce(args):
-    pyro.set_rng_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    r = recipe(args.network, args.prior)
-    budget = r.max_error_increase if args.max_error_increase is None else args.max_error_increase
-    loaders = train_validation_test_loaders(load_mnist(args.data), validation=VALIDATION)
-    network, model, guide = build(args.network, args.prior, len(loaders.train.dataset))
-    history, pretrain_minutes = train(args, r, loaders, model, guide, network)
+@dataclass
+class RowCompression:
+    """A trained run compressed as the recipe says: the network to keep and what chose it."""
+
+    chosen: pyro_bc.CompressedNetwork
+    chosen_from: object  # the guide it was compressed from (the thinned one when retrained)
+    without: CompressionReport
+    retrained: CompressionReport | None
+    dense: dict  # pyro_bc.evaluate of the dense network on the test set (mean and MC 10)
+    minutes: dict
+
+
+def compress_row(args, r, loaders, guide, budget) -> RowCompression:
+    """Compresses within ``budget`` of the dense validation error, and again with the recipe's
+    retraining; the retrained network is kept where it is smaller within the budget."""
     started = time.perf_counter()
-    dense = pyro_bc.evaluate(model, guide, loaders.test, num_samples=10)
+    dense = pyro_bc.evaluate(guide.model, guide, loaders.test, num_samples=10)
     compressed = pyro_bc.compress(
         guide,
         calibration=loaders.train,
@@ -164,10 +177,13 @@ def reproduce(args):
         max_error_increase=budget,
         test_loader=loaders.test,
     )
-    compress_minutes = (time.perf_counter() - started) / 60
+    minutes = {
+        "compression": (time.perf_counter() - started) / 60,
+        "retraining_and_compression": None,
+    }
     without = compressed.report
     print(without)
-    retrained, retrain_minutes, compressed_from = None, None, guide
+    retrained, compressed_from = None, guide
     if r.retrain_epochs:
         started = time.perf_counter()
         retrained, thinned = compress_retrained(
@@ -182,10 +198,30 @@ def reproduce(args):
             seed=args.seed,
             test_loader=loaders.test,
         )
-        retrain_minutes = (time.perf_counter() - started) / 60
+        minutes["retraining_and_compression"] = (time.perf_counter() - started) / 60
         print(retrained.report)
         if retraining_pays(without, retrained.report, budget):
             compressed, compressed_from = retrained, thinned
+    return RowCompression(
+        compressed,
+        compressed_from,
+        without,
+        None if retrained is None else retrained.report,
+        dense,
+        minutes,
+    )
+
+
+def reproduce(args):
+    pyro.set_rng_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    r = recipe(args.network, args.prior)
+    budget = r.max_error_increase if args.max_error_increase is None else args.max_error_increase
+    loaders = train_validation_test_loaders(load_mnist(args.data), validation=VALIDATION)
+    network, model, guide = build(args.network, args.prior, len(loaders.train.dataset))
+    history, pretrain_minutes = train(args, r, loaders, model, guide, network)
+    row = compress_row(args, r, loaders, guide, budget)
+    compressed, without = row.chosen, row.without
     name = f"{args.network}-{args.prior}"
     compressed.save(RESULTS / f"{name}.bc")
     report = compressed.report
@@ -200,9 +236,9 @@ def reproduce(args):
         path=RESULTS / f"{name}-tradeoff.png",
     )
     plots.pruning_histograms(
-        compressed_from, compressed=compressed, path=RESULTS / f"{name}-pruning.png"
+        row.chosen_from, compressed=compressed, path=RESULTS / f"{name}-pruning.png"
     )
-    plots.weight_matrices(compressed_from, compressed, path=RESULTS / f"{name}-weights.png")
+    plots.weight_matrices(row.chosen_from, compressed, path=RESULTS / f"{name}-weights.png")
     plots.training_curves(history, path=RESULTS / f"{name}-training.png")
     result = {
         "network": NAMES[args.network],
@@ -214,14 +250,13 @@ def reproduce(args):
         "minutes": {
             "pretraining": pretrain_minutes,
             "svi_all_epochs": sum(rec["seconds"] for rec in history.epochs) / 60,
-            "compression": compress_minutes,
-            "retraining_and_compression": retrain_minutes,
+            **row.minutes,
         },
-        "test_error_dense_posterior_mean": dense["error"],
-        "test_error_dense_mc10": dense["error_mc"],
+        "test_error_dense_posterior_mean": row.dense["error"],
+        "test_error_dense_mc10": row.dense["error_mc"],
         "report": report.to_dict(),
         "report_without_retraining": without.to_dict(),
-        "report_with_retraining": None if retrained is None else retrained.report.to_dict(),
+        "report_with_retraining": None if row.retrained is None else row.retrained.to_dict(),
         "tradeoff": {"by_budget": by_budget, "by_threshold": by_threshold},
         "machine": {
             "threads": torch.get_num_threads(),

@@ -1,0 +1,108 @@
+"""How far a row of the MNIST table moves with the seed: its recipe re-run with several seeds.
+
+Each seed trains the row's recipe (initialisation, pretraining, SVI noise and data order all
+follow it) under ``benchmarks/runs/<network>-<prior>-seed<N>/`` (seed 0 is ``reproduce.py``'s
+run, ``benchmarks/runs/<network>-<prior>/``, and is resumed from there), then compresses it as
+``reproduce.py`` does: within the recipe's validation budget, without and with retraining. Every
+choice is made on the validation split; the test set is only reported.
+
+    python benchmarks/seeds.py --network lenet300 --prior gnj --seeds 0 1 2 --data DIR
+
+Prints one line per seed and the range over seeds, and writes
+``benchmarks/results/<network>-<prior>-seeds.json``, keeping the seeds a file of the same recipe
+already holds (seeds can be added by later runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pyro
+import torch
+from reproduce import NAMES, RESULTS, VALIDATION, compress_row, train
+
+from pyro_bc.datasets import load_mnist, train_validation_test_loaders
+from pyro_bc.files import write_atomically
+from pyro_bc.models import build, recipe
+
+
+def _summary(report) -> dict:
+    return {
+        "pruning_rate": report.pruning_rate,
+        "precision_rate": report.precision_rate,
+        "validation_error": report.validation_error,
+        "test_error": report.test_error,
+        "architecture": report.architecture.split(" -> ")[-1],
+    }
+
+
+def run_seed(args, seed) -> dict:
+    """One seed of the row: trained (or resumed) exactly as ``reproduce.py --seed`` trains it."""
+    run = argparse.Namespace(**{**vars(args), "seed": seed})
+    pyro.set_rng_seed(seed)
+    r = recipe(args.network, args.prior)
+    loaders = train_validation_test_loaders(load_mnist(args.data), validation=VALIDATION)
+    network, model, guide = build(args.network, args.prior, len(loaders.train.dataset))
+    train(run, r, loaders, model, guide, network)
+    row = compress_row(run, r, loaders, guide, r.max_error_increase)
+    return {
+        "seed": seed,
+        "dense_validation_error": row.without.dense_validation_error,
+        "dense_test_error": row.dense["error"],
+        "without_retraining": _summary(row.without),
+        "with_retraining": None if row.retrained is None else _summary(row.retrained),
+        "kept": _summary(row.chosen.report),
+        "minutes": row.minutes,
+    }
+
+
+def _range(values, scale=1.0, digits=2):
+    return f"{min(values) * scale:.{digits}f}-{max(values) * scale:.{digits}f}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--network", choices=["lenet300", "lenet5"], default="lenet300")
+    parser.add_argument("--prior", choices=["gnj", "ghs"], default="gnj")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--data", default="../shared/data/mnist")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    path = RESULTS / f"{args.network}-{args.prior}-seeds.json"
+    r = recipe(args.network, args.prior).to_dict()
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    by_seed = {s["seed"]: s for s in earlier.get("seeds", [])} if earlier.get("recipe") == r else {}
+    for seed in args.seeds:
+        result = by_seed[seed] = run_seed(args, seed)
+        kept = result["kept"]
+        print(
+            f"seed {seed}: dense {result['dense_validation_error']:.2%} validation, "
+            f"{result['dense_test_error']:.2%} test; kept {kept['architecture']}, "
+            f"{kept['pruning_rate']:.1f}x / {kept['precision_rate']:.0f}x, "
+            f"{kept['validation_error']:.2%} validation, {kept['test_error']:.2%} test",
+            flush=True,
+        )
+    seeds = [by_seed[seed] for seed in sorted(by_seed)]
+    kept = [s["kept"] for s in seeds]
+    print(
+        f"{NAMES[args.network]} {NAMES[args.prior]}, seeds {sorted(by_seed)}: after pruning "
+        f"{_range([k['pruning_rate'] for k in kept], digits=1)}x, after precision "
+        f"{_range([k['precision_rate'] for k in kept], digits=0)}x, test error "
+        f"{_range([k['test_error'] for k in kept], 100)}% (dense "
+        f"{_range([s['dense_test_error'] for s in seeds], 100)}%)"
+    )
+    result = {
+        "network": NAMES[args.network],
+        "prior": NAMES[args.prior],
+        "recipe": r,
+        "seeds": seeds,
+        "command": f"python benchmarks/seeds.py --network {args.network} --prior {args.prior} "
+        f"--seeds {' '.join(str(s['seed']) for s in seeds)}",
+    }
+    write_atomically(path, json.dumps(result, indent=2).encode())
+
+
+if __name__ == "__main__":
+    main()
