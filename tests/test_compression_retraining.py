@@ -8,6 +8,8 @@ from pyro_bc.compression import compress_retrained
 
 
 def _retrained(prune_error_increase, epochs=1, lr=1e-4, seed=0, rounds=1, budget=0.0):
+    """The report of ``compress_retrained`` on a small network whose pruning quantities rank its
+    groups (no ties), trained with seed 0."""
     model, guide, loader = _model_and_data(seed=seed)
     model.dataset_size = len(loader.dataset)
     with torch.no_grad():  # no ties between pruning quantities, so thresholds rank the groups
@@ -62,10 +64,27 @@ def test_rounds_prune_from_the_last_retrained_posterior_and_keep_the_smallest_wi
     assert f"round {best['round']} of 3" in str(report)
 
 
+def test_several_looser_budgets_run_as_separately_and_the_smallest_within_budget_is_kept():
+    kwargs = dict(epochs=10, lr=3e-2, rounds=2, budget=0.05)
+    alone = [_retrained(prune, **kwargs).retraining["history"] for prune in (0.05, 0.3)]
+    report = _retrained((0.05, 0.3), **kwargs)
+    history = report.retraining["history"]
+    assert history == alone[0] + alone[1]  # each budget's rounds start from the trained guide
+    assert [h["prune_error_increase"] for h in history] == [0.05, 0.05, 0.3, 0.3]
+    allowed = report.reference_validation_error + 0.05
+    within = [h for h in history if h["validation_error"] <= allowed]
+    best = min(within, key=lambda h: h["weights_kept"])
+    assert report.weights_kept == best["weights_kept"]
+    assert report.retraining["prune_error_increase"] == best["prune_error_increase"]
+    assert report.retraining["round"] == best["round"]
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
         ({"max_error_increase": 0.01, "prune_error_increase": 0.0}, "prune_error_increase"),
+        ({"max_error_increase": 0.01, "prune_error_increase": (0.02, 0.0)}, "each"),
+        ({"prune_error_increase": ()}, "prune_error_increase"),
         ({"epochs": 0}, "epochs"),
         ({"rounds": 0}, "rounds"),
     ],
