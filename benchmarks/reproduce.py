@@ -123,7 +123,8 @@ def train(args, r, loaders, model, guide, network):
     return history, pretrain_minutes
 
 
-def _point(report):
+def report_point(report):
+    """A compressed network's rates, errors, architecture and thresholds, as JSON data."""
     return {
         "pruning_rate": report.pruning_rate,
         "precision_rate": report.precision_rate,
@@ -142,14 +143,14 @@ def curves(guide, loaders):
         report = pyro_bc.compress(
             guide, validation=loaders.validation, max_error_increase=budget, **common
         ).report
-        by_budget.append({"max_error_increase": budget, **_point(report)})
+        by_budget.append({"max_error_increase": budget, **report_point(report)})
     by_threshold = []
     for threshold in THRESHOLDS:
         try:
             report = pyro_bc.compress(guide, thresholds=threshold, **common).report
         except ValueError:  # the threshold removes a whole layer
             continue
-        by_threshold.append({"threshold": threshold, **_point(report)})
+        by_threshold.append({"threshold": threshold, **report_point(report)})
     return by_budget, by_threshold
 
 
@@ -231,7 +232,7 @@ def reproduce(args):
     plots.tradeoff(
         {"error budget (validation)": by_budget, "one threshold for all layers": by_threshold},
         paper=paper,
-        chosen=_point(report),
+        chosen=report_point(report),
         title=f"{NAMES[args.network]}, {NAMES[args.prior]}: test error against compression",
         path=RESULTS / f"{name}-tradeoff.png",
     )

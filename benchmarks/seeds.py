@@ -20,21 +20,11 @@ import json
 
 import pyro
 import torch
-from reproduce import NAMES, RESULTS, VALIDATION, compress_row, train
+from reproduce import NAMES, RESULTS, VALIDATION, compress_row, report_point, train
 
 from pyro_bc.datasets import load_mnist, train_validation_test_loaders
 from pyro_bc.files import write_atomically
 from pyro_bc.models import build, recipe
-
-
-def _summary(report) -> dict:
-    return {
-        "pruning_rate": report.pruning_rate,
-        "precision_rate": report.precision_rate,
-        "validation_error": report.validation_error,
-        "test_error": report.test_error,
-        "architecture": report.architecture.split(" -> ")[-1],
-    }
 
 
 def run_seed(args, seed) -> dict:
@@ -50,9 +40,9 @@ def run_seed(args, seed) -> dict:
         "seed": seed,
         "dense_validation_error": row.without.dense_validation_error,
         "dense_test_error": row.dense["error"],
-        "without_retraining": _summary(row.without),
-        "with_retraining": None if row.retrained is None else _summary(row.retrained),
-        "kept": _summary(row.chosen.report),
+        "without_retraining": report_point(row.without),
+        "with_retraining": None if row.retrained is None else report_point(row.retrained),
+        "kept": report_point(row.chosen.report),
         "minutes": row.minutes,
     }
 
