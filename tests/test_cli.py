@@ -8,6 +8,7 @@ import torch
 import pyro_bc
 from pyro_bc import cli
 from pyro_bc.cli import main, parse_thresholds
+from pyro_bc.compression import compress_retrained
 from pyro_bc.datasets import write_idx
 from pyro_bc.models import Recipe, recipes
 
@@ -117,6 +118,21 @@ def test_compress_with_retraining_keeps_the_smaller_network_within_the_budget(
     dense = report["reference_validation_error"] if used else report["dense_validation_error"]
     assert report["validation_error"] <= dense + 0.01 + 1e-12
     assert report["weights"] == 784 * 300 + 300 * 100 + 100 * 10
+
+
+def test_compress_tries_every_looser_budget_given(run_folder, tmp_path, monkeypatch):
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["prune_error_increase"])
+        return compress_retrained(*args, **kwargs)
+
+    monkeypatch.setattr(cli.commands, "compress_retrained", spy)
+    out = tmp_path / "retrained"
+    argv = ["compress", str(run_folder / "checkpoint.pt"), "--max-error-increase", "0.01"]
+    argv += ["--retrain-epochs", "1", "--prune-error-increase", "0.005", "0.05", "--no-figures"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert calls == [[0.01, 0.05]]  # a looser budget is at least the budget
 
 
 def test_retraining_needs_a_budget(run_folder, capsys):

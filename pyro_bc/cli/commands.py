@@ -149,12 +149,14 @@ def _retraining(train_loader, epochs, r, args, max_error_increase):
     looser = (
         r.prune_error_increase if args.prune_error_increase is None else args.prune_error_increase
     )
+    if not isinstance(looser, list | tuple):
+        looser = [looser]
     return {
         "train_loader": train_loader,
         "epochs": epochs,
         "lr": r.retrain_lr,
         "rounds": r.retrain_rounds if args.retrain_rounds is None else args.retrain_rounds,
-        "prune_error_increase": max(max_error_increase, looser),
+        "prune_error_increase": [max(max_error_increase, value) for value in looser],
         "seed": getattr(args, "seed", 0),
     }
 

@@ -91,7 +91,8 @@ RETRAIN_ROUNDS_HELP = (
     "posterior; the smallest round within the budget is kept (default: the recipe's)"
 )
 PRUNE_BUDGET_HELP = (
-    "the looser validation budget of the pruning before retraining (default: the recipe's)"
+    "the looser validation budget of the pruning before retraining, or several: each is tried "
+    "and the smallest network within the budget kept (default: the recipe's)"
 )
 
 
@@ -119,7 +120,11 @@ def _pruning_options(command):
         "--retrain-rounds", metavar="N", type=positive_int, help=RETRAIN_ROUNDS_HELP
     )
     command.add_argument(
-        "--prune-error-increase", metavar="F", type=error_fraction, help=PRUNE_BUDGET_HELP
+        "--prune-error-increase",
+        metavar="F",
+        type=error_fraction,
+        nargs="+",
+        help=PRUNE_BUDGET_HELP,
     )
 
 
