@@ -8,8 +8,8 @@ from pyro_bc.compression import compress_retrained
 
 
 def _retrained(prune_error_increase, epochs=1, lr=1e-4, seed=0, rounds=1, budget=0.0):
-    """The report of ``compress_retrained`` on a small network whose pruning quantities rank its
-    groups (no ties), trained with seed 0."""
+    """The report of ``compress_retrained`` (retraining seed 0) on the small network of data
+    seed ``seed``, its pruning quantities spread so that no two groups tie."""
     model, guide, loader = _model_and_data(seed=seed)
     model.dataset_size = len(loader.dataset)
     with torch.no_grad():  # no ties between pruning quantities, so thresholds rank the groups
