@@ -135,6 +135,38 @@ def test_compress_tries_every_looser_budget_given(run_folder, tmp_path, monkeypa
     assert calls == [[0.01, 0.05]]  # a looser budget is at least the budget
 
 
+def test_compress_refits_the_chosen_network_on_every_training_image(run_folder, tmp_path, capsys):
+    out = tmp_path / "refit"
+    argv = ["compress", str(run_folder / "checkpoint.pt"), "--max-error-increase", "0.01"]
+    argv += ["--refit-epochs", "1", "--no-figures", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("refit on all")]
+    assert line.endswith(f"{report['test_error']:.2%} refit")
+    assert report["refit"]["examples"] == 10_000  # the 8,000 trained on and the 2,000 held out
+    assert report["refit"]["epochs"] == 1
+    assert report["validation_error"] is None
+    assert report["refit"]["chosen_validation_error"] <= (
+        report["refit"]["chosen_dense_validation_error"] + 0.01 + 1e-12
+    )
+    chosen = tmp_path / "chosen"
+    assert main([*argv[:4], "--no-figures", "--out", str(chosen)]) == 0
+    without = json.loads((chosen / "report.json").read_text())
+    assert report["architecture"] == without["architecture"]
+    assert [layer["frac_bits"] for layer in report["layers"]] == [
+        layer["frac_bits"] for layer in without["layers"]
+    ]
+    saved = pyro_bc.CompressedNetwork.load(out / "model.bc")
+    weights = [m.weight for m in saved.modules() if isinstance(m, torch.nn.Linear)]
+    assert sum(w.numel() for w in weights) == report["weights_kept"]
+
+
+def test_refitting_needs_held_out_images(run_folder, capsys):
+    argv = ["compress", str(run_folder / "checkpoint.pt"), "--validation", "0"]
+    assert main([*argv, "--refit-epochs", "1"]) == 2
+    assert "--validation N > 0" in capsys.readouterr().err
+
+
 def test_retraining_needs_a_budget(run_folder, capsys):
     argv = ["compress", str(run_folder / "checkpoint.pt"), "--retrain-epochs", "2"]
     assert main(argv) == 2

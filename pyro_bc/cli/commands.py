@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 import pyro
+import torch
 from torch.utils.data import DataLoader
 
 from .. import datasets as bc_data
@@ -16,7 +17,7 @@ from .. import distributed as bc_distributed
 from .. import plots
 from ..checkpoint import load_checkpoint
 from ..compressed import CompressedNetwork
-from ..compression import compress, compress_retrained, retraining_pays
+from ..compression import compress, compress_retrained, refit, retraining_pays
 from ..datasets import RandomCropFlip, TensorBatches
 from ..export import export_file
 from ..files import write_atomically
@@ -100,20 +101,33 @@ def _network_options(width, model_name):
     return {"width": default if width is None else width}
 
 
-def _compress(guide, out, retraining=None, **kwargs):
-    """The compressed network, saved with its report, and the guide it was compressed from (a
-    retrained thinned posterior where retraining paid)."""
+def _compress(guide, out, retraining=None, refitting=None, **kwargs):
+    """The network to keep, saved with its report; the network chosen (on validation data where
+    there are some) and the guide it was compressed from (a retrained thinned posterior where
+    retraining paid), which the figures show. The kept network is the chosen one, refit where
+    ``refitting`` says so."""
     try:
-        compressed = compress(guide, **kwargs)
+        chosen = compress(guide, **kwargs)
         if retraining and kwargs.get("validation") is not None:
-            compressed, guide = _retrained_if_smaller(guide, compressed, retraining, kwargs)
+            chosen, guide = _retrained_if_smaller(guide, chosen, retraining, kwargs)
+        compressed = chosen
+        if refitting:
+            compressed, _ = refit(chosen, guide, test_loader=kwargs.get("test_loader"), **refitting)
+            _print_refit(chosen.report, compressed.report)
     except ValueError as e:
         raise CommandError(str(e)) from e
     compressed.save(out / "model.bc")
     report = compressed.report
     write_atomically(out / "report.json", report.to_json(indent=2).encode())
     print(report)
-    return compressed, guide
+    return compressed, chosen, guide
+
+
+def _print_refit(chosen, refitted):
+    line = f"refit on all {refitted.refit['examples']:,} training images"
+    if refitted.test_error is not None:
+        line += f": test error {chosen.test_error:.2%} as chosen, {refitted.test_error:.2%} refit"
+    print(line)
 
 
 def _retrained_if_smaller(guide, compressed, retraining, kwargs):
@@ -157,6 +171,31 @@ def _retraining(train_loader, epochs, r, args, max_error_increase):
         "lr": r.retrain_lr,
         "rounds": r.retrain_rounds if args.retrain_rounds is None else args.retrain_rounds,
         "prune_error_increase": [max(max_error_increase, value) for value in looser],
+        "seed": getattr(args, "seed", 0),
+    }
+
+
+def _refitting(data, epochs, r, args, transform=None):
+    """What ``refit`` needs beside the network: batches of every training image, the held-out
+    ones included, and the recipe's retraining learning rate."""
+    if not epochs:
+        return None
+    if data.validation_x is None:
+        raise CommandError(
+            "--refit-epochs gives the held-out images back to the network: hold some out with "
+            "--validation N > 0, or pass --refit-epochs 0"
+        )
+    everything = TensorBatches(
+        torch.cat([data.train_x, data.validation_x]),
+        torch.cat([data.train_y, data.validation_y]),
+        r.batch_size,
+        shuffle=True,
+        transform=transform,
+    )
+    return {
+        "train_loader": everything,
+        "epochs": epochs,
+        "lr": r.retrain_lr,
         "seed": getattr(args, "seed", 0),
     }
 
@@ -214,6 +253,7 @@ def run(args):
     retrain_epochs = r.retrain_epochs if args.retrain_epochs is None else args.retrain_epochs
     if args.retrain_rounds and not retrain_epochs:
         raise CommandError("--retrain-rounds needs --retrain-epochs (the recipe retrains none)")
+    refit_epochs = r.refit_epochs if args.refit_epochs is None else args.refit_epochs
     out = args.out
     checkpoint = out / "checkpoint.pt"
     resuming = args.resume and checkpoint.exists()
@@ -234,6 +274,8 @@ def run(args):
     )
     if args.max_error_increase is not None and not held_out:
         raise CommandError("--max-error-increase needs validation images: --validation N > 0")
+    if not held_out and args.refit_epochs is None:
+        refit_epochs = 0  # the recipe's refit gives held-out images back: there are none
     augment = RandomCropFlip() if r.dataset == "cifar10" else None
     train_loader, test_loader = bc_data.train_test_loaders(
         data, batch_size=batch_size, transform=augment
@@ -296,17 +338,18 @@ def run(args):
     retraining = None
     if retrain_epochs and budget:
         retraining = _retraining(train_loader, retrain_epochs, r, args, max_error_increase)
-    compressed, compressed_from = _compress(
+    compressed, chosen, compressed_from = _compress(
         guide,
         out,
         retraining=retraining,
+        refitting=_refitting(data, refit_epochs, r, args, augment),
         thresholds=thresholds,
         test_loader=test_loader,
         calibration=_in_order(data.train_x, data.train_y),  # unaugmented
         **budget,
     )
     if args.figures:
-        _figures(compressed_from, compressed, out, history)
+        _figures(compressed_from, chosen, out, history)
     report = compressed.report
     summary = {
         **metadata,
@@ -319,6 +362,7 @@ def run(args):
         "batch_size": batch_size,
         "max_error_increase": max_error_increase,
         "retraining": report.retraining,
+        "refit": report.refit,
         "test_error_deterministic": deterministic_error,
         "test_error_posterior_mean": dense["error"],
         f"test_error_mc{args.mc_samples}": dense.get("error_mc"),
@@ -391,12 +435,19 @@ def compress_checkpoint(args):
                 )
     if args.retrain_epochs and "retraining" not in kwargs:
         raise CommandError("--retrain-epochs needs --max-error-increase and data")
+    if args.refit_epochs:
+        if source is None:
+            raise CommandError(
+                f"--refit-epochs needs data: {args.checkpoint} does not record its data; pass "
+                "--data"
+            )
+        kwargs["refitting"] = _refitting(data, args.refit_epochs, r, args)
     if args.retrain_rounds and not args.retrain_epochs:
         raise CommandError("--retrain-rounds needs --retrain-epochs")
     out = args.out or args.checkpoint.parent
-    compressed, compressed_from = _compress(guide, out, **kwargs)
+    _, chosen, compressed_from = _compress(guide, out, **kwargs)
     if args.figures:
-        _figures(compressed_from, compressed, out)
+        _figures(compressed_from, chosen, out)
 
 
 def _dataset_of(network, path):

@@ -90,6 +90,11 @@ RETRAIN_ROUNDS_HELP = (
     "with --retrain-epochs: prune and retrain this many times, each round from the last one's "
     "posterior; the smallest round within the budget is kept (default: the recipe's)"
 )
+REFIT_EPOCHS_HELP = (
+    "then train the chosen network's posterior (its groups and bit widths fixed) this many "
+    "epochs more on all training images, the held-out ones included, and save that network "
+    "(needs held-out images; 0: none; default: the recipe's for run, 0 for compress)"
+)
 PRUNE_BUDGET_HELP = (
     "the looser validation budget of the pruning before retraining, or several: each is tried "
     "and the smallest network within the budget kept (default: the recipe's)"
@@ -118,6 +123,9 @@ def _pruning_options(command):
     )
     command.add_argument(
         "--retrain-rounds", metavar="N", type=positive_int, help=RETRAIN_ROUNDS_HELP
+    )
+    command.add_argument(
+        "--refit-epochs", metavar="N", type=non_negative_int, help=REFIT_EPOCHS_HELP
     )
     command.add_argument(
         "--prune-error-increase",

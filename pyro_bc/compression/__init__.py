@@ -14,7 +14,9 @@
 - :mod:`~pyro_bc.compression.thinned_posterior`: the smaller Bayesian network and guide that
   keep only the kept groups, to retrain after pruning;
 - :mod:`~pyro_bc.compression.retraining`: :func:`compress_retrained`, pruning past the budget,
-  retraining the thinned posterior and compressing it again.
+  retraining the thinned posterior and compressing it again;
+- :mod:`~pyro_bc.compression.refit`: :func:`refit`, the chosen network trained further on all
+  the training data, validation split included, with the same groups and bit widths.
 
 Example::
 
@@ -27,6 +29,7 @@ from .bits import exponent_bits, significand_bits, weight_bits
 from .chain import trace_chain
 from .masks import LayerMasks
 from .pipeline import analyse, compress, group_masks
+from .refit import refit
 from .report import CompressionReport, LayerReport
 from .retraining import compress_retrained, retraining_pays
 from .thinned_posterior import thin_posterior
@@ -43,6 +46,7 @@ __all__ = [
     "exponent_bits",
     "group_masks",
     "histogram_valley",
+    "refit",
     "retraining_pays",
     "significand_bits",
     "thin_posterior",

@@ -78,6 +78,7 @@ class CompressionReport:
     max_error_increase: float | None = None
     reference_validation_error: float | None = None
     retraining: dict | None = None
+    refit: dict | None = None
 
     @property
     def architecture(self) -> str:
@@ -169,6 +170,7 @@ class CompressionReport:
             "max_error_increase": self.max_error_increase,
             "reference_validation_error": self.reference_validation_error,
             "retraining": self.retraining,
+            "refit": self.refit,
         }
 
     def to_json(self, **kwargs) -> str:
@@ -230,6 +232,18 @@ def _format_report(r):
             f"thinned to {t['thinned_architecture']} (validation budget "
             f"+{t['prune_error_increase']:.2%}), then compressed again"
             + (f" (round {t['round']} of {t['rounds']})" if t.get("rounds", 1) > 1 else "")
+        )
+    if r.refit:
+        f = r.refit
+        lines.append(
+            f"refit            {f['epochs']} epochs of SVI (lr {f['lr']:g}) on all "
+            f"{f['examples']:,} training examples, validation included, with these groups and "
+            "bit widths"
+            + (
+                ""
+                if f["chosen_validation_error"] is None
+                else f" (chosen at validation error {f['chosen_validation_error']:.2%})"
+            )
         )
     if r.validation_error is not None:
         reference = ""
