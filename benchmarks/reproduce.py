@@ -176,11 +176,10 @@ class RowCompression:
         return self.chosen if self.refitted is None else self.refitted
 
 
-def compress_row(args, r, loaders, guide, budget, everything=None) -> RowCompression:
+def compress_row(args, r, loaders, guide, budget, everything) -> RowCompression:
     """Compresses within ``budget`` of the dense validation error, and again with the recipe's
-    retraining; the retrained network is kept where it is smaller within the budget. With
-    ``everything`` (batches of all training images) and the recipe's ``refit_epochs``, the kept
-    network is then refit on them."""
+    retraining; the retrained network is kept where it is smaller within the budget. Where the
+    recipe refits, the kept network is then refit on ``everything`` (all training images)."""
     started = time.perf_counter()
     dense = pyro_bc.evaluate(guide.model, guide, loaders.test, num_samples=10)
     compressed = pyro_bc.compress(
@@ -216,7 +215,7 @@ def compress_row(args, r, loaders, guide, budget, everything=None) -> RowCompres
         if retraining_pays(without, retrained.report, budget):
             compressed, compressed_from = retrained, thinned
     refitted = None
-    if r.refit_epochs and everything is not None:
+    if r.refit_epochs:
         started = time.perf_counter()
         refitted, _ = refit(
             compressed,
