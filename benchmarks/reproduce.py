@@ -135,7 +135,7 @@ def report_point(report):
         "test_error": report.test_error,
         "validation_error": report.validation_error,
         "architecture": report.architecture.split(" -> ")[-1],
-        "thresholds": {layer.name: layer.threshold for layer in report.layers},
+        "thresholds": {layer["name"]: layer["threshold"] for layer in report.to_dict()["layers"]},
     }
 
 

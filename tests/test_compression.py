@@ -337,6 +337,10 @@ def test_report_states_the_error_of_the_compressed_network():
     assert summary["precision_rate"] == pytest.approx(report.precision_rate)
 
 
+def _no_constant(name):
+    raise AssertionError(f"{name} is not JSON")
+
+
 def test_thresholds_number_dict_and_default():
     model = LeNet300100()
     guide = pyro_bc.StructuredGuide(model)
@@ -355,6 +359,11 @@ def test_thresholds_number_dict_and_default():
     assert report.layers[2].groups_below_threshold == 30
     everything = pyro_bc.compress(guide, 10.0, bits=None).report
     assert everything.architecture == "784-300-100 -> 784-300-100"
+    keep_fc3 = pyro_bc.compress(guide, {"fc3": math.inf}, bits=None).report
+    assert keep_fc3.layers[2].groups_kept == 100
+    # strict JSON has no infinity: a threshold that keeps every group is written as null
+    summary = json.loads(keep_fc3.to_json(), parse_constant=_no_constant)
+    assert [layer["threshold"] for layer in summary["layers"]] == [-3.0, -3.0, None]
     with pytest.raises(ValueError, match="fc9"):
         pyro_bc.compress(guide, {"fc9": -3})
     with pytest.raises(ValueError, match="fc1"):

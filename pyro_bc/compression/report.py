@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 
 
@@ -135,12 +136,15 @@ class CompressionReport:
     def to_dict(self) -> dict:
         """Everything in the report as JSON-ready data (per layer and totals).
 
+        A layer whose threshold keeps every group (``inf``) has ``"threshold": None`` (JSON
+        ``null``): strict JSON has no infinity.
+
         Example::
 
             json.dump(compressed.report.to_dict(), open("report.json", "w"), indent=2)
         """
         return {
-            "layers": [asdict(layer) for layer in self.layers],
+            "layers": [_layer_dict(layer) for layer in self.layers],
             "architecture": self.architecture,
             "input_shape": list(self.input_shape),
             "weights": self.weights,
@@ -184,6 +188,13 @@ class CompressionReport:
 
     def __str__(self) -> str:
         return "\n".join(_format_report(self))
+
+
+def _layer_dict(layer: LayerReport) -> dict:
+    record = asdict(layer)
+    if not math.isfinite(layer.threshold):
+        record["threshold"] = None
+    return record
 
 
 def _format_report(r):
