@@ -4,20 +4,24 @@ Three implementations of one training step at batch 128, for LeNet-300-100 and L
 with the group normal-Jeffreys prior, measured in one run, interleaved, several repeats each:
 
 - ``pyro_bc``: the library's own training step (:class:`pyro_bc.infer.TrainingStep`, what
-  :func:`pyro_bc.fit` runs);
+  :func:`pyro_bc.fit` runs), its loss replayed from TorchScript traces (:mod:`pyro_bc.tracing`);
+- ``pyro_bc untraced``: the same step with ``trace=False``, its Python run on every step;
 - ``hand-written``: the same math in plain PyTorch (same initialisation, batch, optimizer, local
   reparameterization, closed-form KLs), written here as the reference to beat;
 - ``deterministic``: a plain network of the same shape with cross-entropy (the floor).
 
 Then one epoch end to end, data loading included, of LeNet-300-100 on full MNIST (``--mnist DIR``,
 a directory with the four MNIST files) or, without it, on the shipped subset: ``pyro_bc.fit``
-with the loader of :func:`pyro_bc.datasets.train_test_loaders` (``TensorBatches``: one index
-batch per step), against a hand-written loop that indexes the data tensors with the same shuffled
-index batches (the same seeded permutation in every repeat, checked before timing).
+(traced and untraced) with the loader of :func:`pyro_bc.datasets.train_test_loaders`
+(``TensorBatches``: one index batch per step), against a hand-written loop that indexes the
+data tensors with the same shuffled index batches (the same seeded permutation in every
+repeat, checked before timing). Each repeat is a fresh one-epoch ``fit``: its first step
+(validated) and its traces are part of the epoch's time.
 
 Every repeat runs each implementation once, so load from other processes hits all of them; the
-ratio pyro_bc / hand-written is reported per repeat and as the ratio of the medians, both for
-wall-clock time and for this process's CPU time (steadier on a loaded machine).
+ratios of pyro_bc and of pyro_bc untraced to hand-written are reported per repeat and as the
+ratio of the medians, both for wall-clock time and for this process's CPU time (steadier on a
+loaded machine).
 
 It also measures the peak memory of training: each implementation runs ``--steps`` steps in a
 fresh process, which reports how far its peak resident set size rose above what it held once
@@ -79,6 +83,7 @@ NETWORKS = {
 }
 LOADERS = {
     "pyro_bc": "pyro_bc.fit over pyro_bc.datasets.train_test_loaders (TensorBatches)",
+    "pyro_bc untraced": "the same, fit(..., trace=False)",
     "hand-written": "a loop over shuffled index batches of the data tensors (x[idx], y[idx])",
 }
 
@@ -155,10 +160,14 @@ def build_pyro_bc(network, dataset_size):
     return model, guide
 
 
-def step_pyro_bc(network, dataset_size):
+def step_pyro_bc(network, dataset_size, trace=True):
     model, guide = build_pyro_bc(network, dataset_size)
-    step = pyro_bc.infer.TrainingStep(model, guide, lr=1e-3)
+    step = pyro_bc.infer.TrainingStep(model, guide, lr=1e-3, trace=trace)
     return lambda x, y: step(x, y)[0]
+
+
+def step_pyro_bc_untraced(network, dataset_size):
+    return step_pyro_bc(network, dataset_size, trace=False)
 
 
 def _torch_step(loss_fn, params):
@@ -187,6 +196,7 @@ def step_deterministic(network, dataset_size):
 
 STEPS = {
     "pyro_bc": step_pyro_bc,
+    "pyro_bc untraced": step_pyro_bc_untraced,
     "hand-written": step_hand_written,
     "deterministic": step_deterministic,
 }
@@ -207,12 +217,12 @@ def _epoch_generator(repeat):
     return torch.Generator().manual_seed(1_000 + repeat)
 
 
-def epoch_pyro_bc(data, batch_size):
+def epoch_pyro_bc(data, batch_size, trace=True):
     model, guide = build_pyro_bc("lenet300", len(data.train_x))
 
     def epoch(repeat):
         loader, _ = train_test_loaders(data, batch_size, generator=_epoch_generator(repeat))
-        pyro_bc.fit(model, guide, loader, epochs=1, progress=False)
+        pyro_bc.fit(model, guide, loader, epochs=1, progress=False, trace=trace)
 
     return epoch
 
@@ -264,14 +274,15 @@ def summarise(times, unit):
     for clock, i in (("wall", 0), ("cpu", 1)):
         values = {name: [t[i] for t in ts] for name, ts in times.items()}
         medians = {name: statistics.median(v) for name, v in values.items()}
-        per_repeat = [a / b for a, b in zip(values["pyro_bc"], values["hand-written"], strict=True)]
-        result[clock] = {
-            f"{unit}_all": values,
-            f"{unit}_median": medians,
-            "ratio_pyro_bc_to_hand_written_per_repeat": per_repeat,
-            "ratio_pyro_bc_to_hand_written_of_medians": medians["pyro_bc"]
-            / medians["hand-written"],
-        }
+        result[clock] = {f"{unit}_all": values, f"{unit}_median": medians}
+        for name in ("pyro_bc", "pyro_bc untraced"):
+            key = name.replace(" ", "_")
+            result[clock][f"ratio_{key}_to_hand_written_per_repeat"] = [
+                a / b for a, b in zip(values[name], values["hand-written"], strict=True)
+            ]
+            result[clock][f"ratio_{key}_to_hand_written_of_medians"] = (
+                medians[name] / medians["hand-written"]
+            )
     return result
 
 
@@ -296,13 +307,15 @@ def _print_ratios(label, summary, unit, scale=1.0):
     for clock in ("wall", "cpu"):
         s = summary[clock]
         medians = ", ".join(f"{n} {v * scale:.2f}" for n, v in s[f"{unit}_median"].items())
-        per_repeat = " ".join(f"{r:.3f}" for r in s["ratio_pyro_bc_to_hand_written_per_repeat"])
         print(f"{label} [{clock}] medians: {medians}")
-        print(
-            f"{label} [{clock}] pyro_bc / hand-written: "
-            f"{s['ratio_pyro_bc_to_hand_written_of_medians']:.3f} of medians; per repeat: "
-            f"{per_repeat}"
-        )
+        for name in ("pyro_bc", "pyro_bc untraced"):
+            key = name.replace(" ", "_")
+            per_repeat = " ".join(f"{r:.3f}" for r in s[f"ratio_{key}_to_hand_written_per_repeat"])
+            print(
+                f"{label} [{clock}] {name} / hand-written: "
+                f"{s[f'ratio_{key}_to_hand_written_of_medians']:.3f} of medians; per repeat: "
+                f"{per_repeat}"
+            )
 
 
 def _without_paths(argv):
@@ -361,6 +374,7 @@ def main():
         check_same_batches(len(data.train_x), args.batch_size)
         epochs = {
             "pyro_bc": epoch_pyro_bc(data, args.batch_size),
+            "pyro_bc untraced": epoch_pyro_bc(data, args.batch_size, trace=False),
             "hand-written": epoch_hand_written(data, args.batch_size),
         }
         times = {name: [] for name in epochs}

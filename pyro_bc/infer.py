@@ -27,6 +27,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .elbo import MeanFieldELBO, one_pass_negative_elbo, supports_one_pass
+from .tracing import TracedLoss
 
 
 class _ObservedLogits(Messenger):
@@ -91,10 +92,11 @@ class _NegativeELBO(torch.nn.Module):
     wrap it (DDP synchronises the gradients of the module it runs).
 
     With ``one_pass`` it computes the loss by :func:`~pyro_bc.elbo.one_pass_negative_elbo` from
-    the second call on, if the first (validated) call's traces show that it applies.
+    the second call on, if the first (validated) call's traces show that it applies; with
+    ``trace`` too, it replays that loss from TorchScript traces (:mod:`pyro_bc.tracing`).
     """
 
-    def __init__(self, model, guide, elbo, handler, observed, one_pass=False):
+    def __init__(self, model, guide, elbo, handler, observed, one_pass=False, trace=False):
         super().__init__()
         self.guide = guide
         self.__dict__["model"] = model  # not a submodule: the guide owns every parameter
@@ -103,13 +105,15 @@ class _NegativeELBO(torch.nn.Module):
         self.observed = observed
         self.may_one_pass = one_pass
         self.one_pass = False
+        self.traced = TracedLoss(model, guide) if trace else None
 
     def forward(self, x, y, validate: bool = False):
         if self.one_pass and not validate:
-            with pyro.validation_enabled(False):
-                loss, self.observed.logits = one_pass_negative_elbo(
-                    self.model, self.guide.sample, x, y
-                )
+            out = None if self.traced is None else self.traced(x, y)
+            if out is None:
+                with pyro.validation_enabled(False):
+                    out = one_pass_negative_elbo(self.model, self.guide.sample, x, y)
+            loss, self.observed.logits = out
             return loss
         with pyro.validation_enabled(validate), self.handler(), self.observed:
             if not (validate and self.may_one_pass):
@@ -129,6 +133,12 @@ class TrainingStep:
     :class:`~pyro_bc.elbo.MeanFieldELBO`),
     under local reparameterization unless told otherwise, and takes an optimizer step. Pyro's
     validation runs on the first step only: its checks cost as much as a small network's step.
+    Later steps compute the same loss in one pass over the guide and the model
+    (:func:`~pyro_bc.elbo.one_pass_negative_elbo`) and, with ``trace=True`` (the default),
+    replay it from a TorchScript trace per batch shape (:class:`~pyro_bc.tracing.TracedLoss`):
+    the same numbers bit for bit, without the Python of Pyro's handlers on every step. Pass
+    ``trace=False`` for a model whose Python must run every step (one that keeps Python state);
+    one that branches on tensor values is detected and runs untraced.
     Calling it returns the loss and the logits of the batch (for a running error), as device
     tensors: it never waits for the device. With ``distributed=True`` the loss runs under
     ``DistributedDataParallel`` (see :mod:`pyro_bc.distributed`).
@@ -151,6 +161,7 @@ class TrainingStep:
         local_reparameterization: bool = True,
         distributed: bool = False,
         one_pass: bool = True,
+        trace: bool = True,
     ):
         self.model = model
         self.guide = guide
@@ -164,7 +175,9 @@ class TrainingStep:
         self.steps_taken = 0
         self._observed = _ObservedLogits()
         one_pass = one_pass and local_reparameterization and num_particles == 1
-        self.loss = _NegativeELBO(model, guide, self.elbo, handler, self._observed, one_pass)
+        self.loss = _NegativeELBO(
+            model, guide, self.elbo, handler, self._observed, one_pass, trace and not distributed
+        )
         if distributed:
             self.loss = bc_distributed.data_parallel(self.loss)
 
@@ -214,6 +227,7 @@ def fit(
     metadata: dict | None = None,
     lr_schedule=None,
     distributed: bool = False,
+    trace: bool = True,
 ) -> History:
     """Trains ``guide`` by stochastic variational inference with ``TraceMeanField_ELBO``.
 
@@ -246,6 +260,8 @@ def fit(
     :param distributed: data-parallel training in a process group (:mod:`pyro_bc.distributed`):
         each process trains on its shard of every mini-batch of ``train_loader`` (a
         ``DataLoader``), process 0 writes the checkpoint. ``seed`` defaults to 0.
+    :param trace: replay the loss from TorchScript traces after the first step, with the same
+        results (see :class:`TrainingStep`); False runs the model's Python on every step.
     :raises TrainingDivergedError: when the loss or a parameter becomes non-finite, naming the
         epoch and the step; no checkpoint with non-finite values is written.
 
@@ -268,6 +284,7 @@ def fit(
         num_particles=num_particles,
         local_reparameterization=local_reparameterization,
         distributed=distributed,
+        trace=trace,
     )
     history = History()
     start_epoch = 0
