@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import pyro_bc
+from pyro_bc.datasets import TensorBatches
 from pyro_bc.distributions import ImproperLogUniform
 from pyro_bc.infer import TrainingStep
 from pyro_bc.models import VGG16, LeNet5Caffe, LeNet300100
@@ -121,3 +122,31 @@ def test_a_network_with_python_state_is_not_traced_and_runs_its_python_every_ste
     calls = counter.calls
     step(x, y)
     assert counter.calls == calls + 1 and step.loss.traced.refused is not None
+
+
+def test_fit_traces_by_default_and_trains_to_the_untraced_parameters(monkeypatch):
+    traced_shapes = []
+    checked_trace = TracedLoss._checked_trace
+
+    def counting(self, x, y):
+        traced_shapes.append(len(x))
+        return checked_trace(self, x, y)
+
+    monkeypatch.setattr(TracedLoss, "_checked_trace", counting)
+    x, y = torch.randn(40, 1, 28, 28), torch.randint(0, 10, (40,))
+    loader = TensorBatches(x, y, batch_size=16, shuffle=True)
+
+    def fit(**options):
+        torch.manual_seed(0)
+        model = LeNet300100(GroupNormalJeffreys(), 40)
+        guide = pyro_bc.StructuredGuide(model)
+        history = pyro_bc.fit(model, guide, loader, epochs=2, seed=3, progress=False, **options)
+        return history["loss"], guide.state_dict()
+
+    traced_losses, traced = fit()
+    assert sorted(traced_shapes) == [8, 16]  # each batch shape once, over both epochs
+    losses, untraced = fit(trace=False)
+    assert len(traced_shapes) == 2
+    assert traced_losses == losses
+    for name, value in untraced.items():
+        assert torch.equal(traced[name], value), name
