@@ -91,9 +91,9 @@ def synchronize(device):
 
 
 def time_steps(step, batch, steps, warmup, device):
-    """Milliseconds per step after ``warmup`` steps (allocator, first-step validation): wall
-    clock, and this process's CPU time (which other processes on a loaded machine inflate far
-    less; on CUDA it is the host's share only)."""
+    """Milliseconds per step after ``warmup`` steps (allocator, first-step validation, the
+    second step's trace of the loss): wall clock, and this process's CPU time (which other
+    processes on a loaded machine inflate far less; on CUDA it is the host's share only)."""
     for _ in range(warmup):
         step(*batch)
     synchronize(device)
@@ -199,7 +199,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before each repeat")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each repeat")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--width", type=int, default=64, help="VGG16 width (64 in the paper)")
     parser.add_argument("--threads", type=int, default=1)
