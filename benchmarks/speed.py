@@ -1,6 +1,6 @@
 """Training speed of pyro_bc against the same math hand-written in PyTorch.
 
-Three implementations of one training step at batch 128, for LeNet-300-100 and LeNet-5-Caffe
+Four implementations of one training step at batch 128, for LeNet-300-100 and LeNet-5-Caffe
 with the group normal-Jeffreys prior, measured in one run, interleaved, several repeats each:
 
 - ``pyro_bc``: the library's own training step (:class:`pyro_bc.infer.TrainingStep`, what
@@ -194,6 +194,8 @@ def step_deterministic(network, dataset_size):
     return _torch_step(lambda x, y: F.cross_entropy(net(x), y), net.parameters())
 
 
+#: the implementations whose ratio to the hand-written one is reported
+COMPARED = ("pyro_bc", "pyro_bc untraced")
 STEPS = {
     "pyro_bc": step_pyro_bc,
     "pyro_bc untraced": step_pyro_bc_untraced,
@@ -275,7 +277,7 @@ def summarise(times, unit):
         values = {name: [t[i] for t in ts] for name, ts in times.items()}
         medians = {name: statistics.median(v) for name, v in values.items()}
         result[clock] = {f"{unit}_all": values, f"{unit}_median": medians}
-        for name in ("pyro_bc", "pyro_bc untraced"):
+        for name in COMPARED:
             key = name.replace(" ", "_")
             result[clock][f"ratio_{key}_to_hand_written_per_repeat"] = [
                 a / b for a, b in zip(values[name], values["hand-written"], strict=True)
@@ -308,7 +310,7 @@ def _print_ratios(label, summary, unit, scale=1.0):
         s = summary[clock]
         medians = ", ".join(f"{n} {v * scale:.2f}" for n, v in s[f"{unit}_median"].items())
         print(f"{label} [{clock}] medians: {medians}")
-        for name in ("pyro_bc", "pyro_bc untraced"):
+        for name in COMPARED:
             key = name.replace(" ", "_")
             per_repeat = " ".join(f"{r:.3f}" for r in s[f"ratio_{key}_to_hand_written_per_repeat"])
             print(
