@@ -33,6 +33,9 @@ import torch
 
 from .elbo import one_pass_negative_elbo
 
+#: input signatures traced at most: a loader whose batch shapes keep changing trains untraced
+MAX_TRACES = 8
+
 _TORCH = os.path.dirname(torch.__file__) + os.sep
 #: the code whose decisions the input signature covers (they depend on shapes only)
 _LIBRARIES = (_TORCH, *(os.path.dirname(path) + os.sep for path in (pyro.__file__, __file__)))
@@ -62,9 +65,10 @@ class TracedLoss:
     replay on the same batch, which must agree bit for bit), without changing the random stream
     or the model's buffers (batch norm's running statistics); that step holds more memory for a
     moment (a VGG-16 of width 32 at batch 128 on CPU: a peak about 40% above an untraced
-    step's), later steps as much as untraced ones. Calling it returns ``(loss, logits)``
-    (``logits`` None if the observed distribution has none), or None once tracing has been
-    refused, after one warning that says why.
+    step's), later steps as much as untraced ones. A signature beyond :data:`MAX_TRACES` is
+    refused: batches whose shapes keep changing would be traced at nearly every step. Calling it
+    returns ``(loss, logits)`` (``logits`` None if the observed distribution has none), or None
+    once tracing has been refused, after one warning that says why.
 
     Example::
 
@@ -93,6 +97,8 @@ class TracedLoss:
         )
         trace = self.traces.get(key)
         if trace is None:
+            if len(self.traces) == MAX_TRACES:
+                return self._refuse(f"more than {MAX_TRACES} batch shapes, each a new trace")
             trace = self._trace(x, y)
             if trace is None:
                 return None

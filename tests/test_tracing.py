@@ -14,7 +14,7 @@ from pyro_bc.infer import TrainingStep
 from pyro_bc.models import VGG16, LeNet5Caffe, LeNet300100
 from pyro_bc.nn import BayesianLinear, BayesianNetwork
 from pyro_bc.priors import GroupHorseshoe, GroupNormalJeffreys
-from pyro_bc.tracing import TracedLoss
+from pyro_bc.tracing import MAX_TRACES, TracedLoss
 
 
 def _batches(shape, sizes=(16, 16, 5)):
@@ -150,3 +150,13 @@ def test_fit_traces_by_default_and_trains_to_the_untraced_parameters(monkeypatch
     assert traced_losses == losses
     for name, value in untraced.items():
         assert torch.equal(traced[name], value), name
+
+
+def test_batches_of_ever_new_shapes_stop_being_traced():
+    model = LeNet300100(GroupNormalJeffreys(), 100)
+    traced = TracedLoss(model, pyro_bc.StructuredGuide(model))
+    for size in range(1, MAX_TRACES + 1):
+        assert traced(torch.randn(size, 1, 28, 28), torch.randint(0, 10, (size,))) is not None
+    with pytest.warns(RuntimeWarning, match=f"more than {MAX_TRACES} batch shapes"):
+        assert traced(torch.randn(20, 1, 28, 28), torch.randint(0, 10, (20,))) is None
+    assert traced(torch.randn(1, 1, 28, 28), torch.randint(0, 10, (1,))) is None
