@@ -65,7 +65,8 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = RESULTS / f"{args.network}-{args.prior}-seeds.json"
-    r = recipe(args.network, args.prior).to_dict()
+    # as JSON stores it (tuples become lists), so that an earlier file's recipe compares equal
+    r = json.loads(json.dumps(recipe(args.network, args.prior).to_dict()))
     earlier = json.loads(path.read_text()) if path.exists() else {}
     by_seed = {s["seed"]: s for s in earlier.get("seeds", [])} if earlier.get("recipe") == r else {}
     for seed in args.seeds:
