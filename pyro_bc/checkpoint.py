@@ -68,9 +68,6 @@ def save_checkpoint(
         raise ValueError(
             f"not writing checkpoint {path}: the guide's {', '.join(bad)} hold non-finite values"
         )
-    rng = {"cpu": torch.get_rng_state(), "cuda": []}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
     state = {
         "format": FORMAT,
         "version": SCHEMA_VERSION,
@@ -78,7 +75,7 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict(),
         "epoch": int(epoch),
         "history": list(getattr(history, "epochs", history)),
-        "rng": rng,
+        "rng": rng_state(),
         "metadata": dict(metadata or {}),
     }
     model_state = {} if model is None else model.state_dict()
@@ -180,6 +177,21 @@ def load_checkpoint(path, guide=None, *, epochs: int | None = None) -> dict:
     if guide is not None:
         state["guide"] = _match_guide(state["guide"], guide, path)
     return state
+
+
+def rng_state() -> dict:
+    """Torch's CPU random state and, where CUDA is in use, every device's (``"cpu"``, ``"cuda"``).
+
+    Example::
+
+        state = rng_state()
+        torch.randn(3)
+        restore_rng_state(state)  # the same three numbers again
+    """
+    rng = {"cpu": torch.get_rng_state(), "cuda": []}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
 
 
 def restore_rng_state(rng) -> None:

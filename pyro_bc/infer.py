@@ -105,7 +105,7 @@ class _NegativeELBO(torch.nn.Module):
         self.observed = observed
         self.may_one_pass = one_pass
         self.one_pass = False
-        self.traced = TracedLoss(model, guide) if trace else None
+        self.traced = TracedLoss(model, guide) if trace and one_pass else None
 
     def forward(self, x, y, validate: bool = False):
         if self.one_pass and not validate:

@@ -31,6 +31,7 @@ import warnings
 import pyro
 import torch
 
+from .checkpoint import restore_rng_state, rng_state
 from .elbo import one_pass_negative_elbo
 
 #: input signatures traced at most: a loader whose batch shapes keep changing trains untraced
@@ -142,10 +143,10 @@ class TracedLoss:
             trace = torch.jit.trace(self.module, (x, y), check_trace=False)
             if decided:
                 return None, f"{decided[0]} converts a tensor to a Python value"
-            state = _rng_state(devices)
+            state = rng_state()
             with torch.no_grad():
                 expected = self.module(x, y)
-                _set_rng_state(state, devices)
+                restore_rng_state(state)
                 with torch.jit.optimized_execution(False):
                     replayed = trace(x, y)
         # bit for bit, a NaN (a diverged step) equal to a NaN
@@ -175,14 +176,3 @@ def _deciding_frame():
             continue
         return None if frame.filename.startswith(_LIBRARIES) else f"{frame.filename}:{frame.lineno}"
     return None
-
-
-def _rng_state(devices):
-    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
-
-
-def _set_rng_state(state, devices):
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    for device, device_state in zip(devices, cuda, strict=True):
-        torch.cuda.set_rng_state(device_state, device)
