@@ -11,13 +11,19 @@ split; the test set is only reported.
 
 Prints one line per seed and the range over seeds, and writes
 ``benchmarks/results/<network>-<prior>-seeds.json``, keeping the seeds a file of the same recipe
-already holds (seeds can be added by later runs).
+already holds (seeds can be added by later runs). ``--summary`` only prints the file's summary.
+
+The summary also says what the budget cost on each split: the chosen network's error (without
+retraining) above the dense posterior mean's, on validation (where it was chosen to stay within
+the budget) and on test. Choosing the smallest network within the budget favours candidates whose
+validation error came out low by chance, so the test increase tends to be the larger.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import pyro
 import torch
@@ -55,6 +61,39 @@ def _range(values, scale=1.0, digits=2):
     return f"{min(values) * scale:.{digits}f}-{max(values) * scale:.{digits}f}"
 
 
+def summary(network, prior, seeds) -> str:
+    """Ranges over the seeds, and the budget's mean cost on validation and on test."""
+    kept = [s["kept"] for s in seeds]
+    validation = [
+        s["without_retraining"]["validation_error"] - s["dense_validation_error"] for s in seeds
+    ]
+    test = [s["without_retraining"]["test_error"] - s["dense_test_error"] for s in seeds]
+    return (
+        f"{NAMES[network]} {NAMES[prior]}, seeds {[s['seed'] for s in seeds]}: after pruning "
+        f"{_range([k['pruning_rate'] for k in kept], digits=1)}x, after precision "
+        f"{_range([k['precision_rate'] for k in kept], digits=0)}x, test error "
+        f"{_range([k['test_error'] for k in kept], 100)}% (dense "
+        f"{_range([s['dense_test_error'] for s in seeds], 100)}%); without retraining, error "
+        f"above the dense posterior mean: validation +{100 * statistics.mean(validation):.3f} "
+        f"points on average ({_range(validation, 100)}), test +{100 * statistics.mean(test):.3f} "
+        f"({_range(test, 100)})"
+    )
+
+
+def write_seeds(path, network, prior, r, by_seed) -> None:
+    """The seeds run so far, with their recipe and the command that reproduces them."""
+    seeds = [by_seed[seed] for seed in sorted(by_seed)]
+    result = {
+        "network": NAMES[network],
+        "prior": NAMES[prior],
+        "recipe": r,
+        "seeds": seeds,
+        "command": f"python benchmarks/seeds.py --network {network} --prior {prior} "
+        f"--seeds {' '.join(str(s['seed']) for s in seeds)}",
+    }
+    write_atomically(path, json.dumps(result, indent=2).encode())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--network", choices=["lenet300", "lenet5"], default="lenet300")
@@ -62,6 +101,7 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--data", default="../shared/data/mnist")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--summary", action="store_true", help="only print the file's summary")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = RESULTS / f"{args.network}-{args.prior}-seeds.json"
@@ -69,6 +109,11 @@ def main():
     r = json.loads(json.dumps(recipe(args.network, args.prior).to_dict()))
     earlier = json.loads(path.read_text()) if path.exists() else {}
     by_seed = {s["seed"]: s for s in earlier.get("seeds", [])} if earlier.get("recipe") == r else {}
+    if args.summary:
+        if not by_seed:
+            raise SystemExit(f"{path}: no seeds of the current recipe; run some with --seeds")
+        print(summary(args.network, args.prior, [by_seed[seed] for seed in sorted(by_seed)]))
+        return
     for seed in args.seeds:
         result = by_seed[seed] = run_seed(args, seed)
         kept = result["kept"]
@@ -80,24 +125,9 @@ def main():
             f"{kept['test_error']:.2%} test",
             flush=True,
         )
-    seeds = [by_seed[seed] for seed in sorted(by_seed)]
-    kept = [s["kept"] for s in seeds]
-    print(
-        f"{NAMES[args.network]} {NAMES[args.prior]}, seeds {sorted(by_seed)}: after pruning "
-        f"{_range([k['pruning_rate'] for k in kept], digits=1)}x, after precision "
-        f"{_range([k['precision_rate'] for k in kept], digits=0)}x, test error "
-        f"{_range([k['test_error'] for k in kept], 100)}% (dense "
-        f"{_range([s['dense_test_error'] for s in seeds], 100)}%)"
-    )
-    result = {
-        "network": NAMES[args.network],
-        "prior": NAMES[args.prior],
-        "recipe": r,
-        "seeds": seeds,
-        "command": f"python benchmarks/seeds.py --network {args.network} --prior {args.prior} "
-        f"--seeds {' '.join(str(s['seed']) for s in seeds)}",
-    }
-    write_atomically(path, json.dumps(result, indent=2).encode())
+        # after every seed, so that a session ended mid-list keeps the seeds it finished
+        write_seeds(path, args.network, args.prior, r, by_seed)
+    print(summary(args.network, args.prior, [by_seed[seed] for seed in sorted(by_seed)]))
 
 
 if __name__ == "__main__":
