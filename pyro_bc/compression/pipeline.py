@@ -162,6 +162,8 @@ def compress(
         network whose validation error stays within ``max_error_increase`` (a fraction, e.g.
         ``0.001`` for 0.1 points) of the dense posterior-mean network's, and the bit widths of
         ``bits="auto"`` are lowered while it stays there (:mod:`pyro_bc.compression.budget`).
+        The chosen network's validation error is an optimistic estimate: expect a larger
+        increase on new data (``docs/method.md#thresholds``).
     :param reference_error: the validation error the budget is counted from, instead of this
         guide's dense posterior-mean network's: for a retrained thinned posterior
         (:func:`~pyro_bc.compression.thinned_posterior.thin_posterior`), the error of the dense
