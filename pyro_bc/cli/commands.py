@@ -269,6 +269,8 @@ def run(args):
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = bc_distributed.setup() if distributed else args.device
     pyro.set_rng_seed(args.seed)
+    # cuDNN's fastest convolution kernels add in any order: a resumed run would drift
+    torch.backends.cudnn.deterministic = True
     data, held_out = split_validation(
         load_data(source, r.dataset, download=args.download), args.validation
     )
