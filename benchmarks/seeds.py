@@ -80,9 +80,13 @@ def summary(network, prior, seeds) -> str:
     )
 
 
-def write_seeds(path, network, prior, r, by_seed) -> None:
+def in_order(by_seed) -> list:
+    """The seeds' results, lowest seed first."""
+    return [by_seed[seed] for seed in sorted(by_seed)]
+
+
+def write_seeds(path, network, prior, r, seeds) -> None:
     """The seeds run so far, with their recipe and the command that reproduces them."""
-    seeds = [by_seed[seed] for seed in sorted(by_seed)]
     result = {
         "network": NAMES[network],
         "prior": NAMES[prior],
@@ -112,7 +116,7 @@ def main():
     if args.summary:
         if not by_seed:
             raise SystemExit(f"{path}: no seeds of the current recipe; run some with --seeds")
-        print(summary(args.network, args.prior, [by_seed[seed] for seed in sorted(by_seed)]))
+        print(summary(args.network, args.prior, in_order(by_seed)))
         return
     for seed in args.seeds:
         result = by_seed[seed] = run_seed(args, seed)
@@ -126,8 +130,8 @@ def main():
             flush=True,
         )
         # after every seed, so that a session ended mid-list keeps the seeds it finished
-        write_seeds(path, args.network, args.prior, r, by_seed)
-    print(summary(args.network, args.prior, [by_seed[seed] for seed in sorted(by_seed)]))
+        write_seeds(path, args.network, args.prior, r, in_order(by_seed))
+    print(summary(args.network, args.prior, in_order(by_seed)))
 
 
 if __name__ == "__main__":
