@@ -6,7 +6,7 @@ line on stderr, ``pyro-bc: error: ...``, and exit status 2. ``--debug`` shows th
 
 Example::
 
-    pyro-bc run --model lenet300 --prior gnj          # shipped MNIST subset, a few minutes
+    pyro-bc run --model lenet300 --prior gnj          # shipped MNIST subset, under a minute
     pyro-bc run --model lenet5 --prior ghs --data ~/mnist --epochs 200 --out runs/lenet5
     pyro-bc run --model vgg16 --data cifar10 --download --device cuda --max-error-increase 0.005
     pyro-bc compress runs/latest/checkpoint.pt --thresholds fc1=-2.8,fc2=-3,fc3=-5

@@ -185,7 +185,7 @@ def _download_file(root: Path, base_name: str, mirrors: tuple[str, ...]) -> None
         f"Could not download {target.name} into {root}:\n  "
         + "\n  ".join(failures)
         + f"\nCopy the standard MNIST files into {root} by hand, or pass a directory that has "
-        f"them (load_mnist(DIR), pyro-bc --data DIR) or set {DATA_ENV_VAR} to one."
+        f"them (load_mnist(DIR), pyro-bc run --data DIR) or set {DATA_ENV_VAR} to one."
     )
 
 
@@ -235,7 +235,7 @@ def load_mnist(
     if missing:
         raise FileNotFoundError(
             f"MNIST files not found in {root}: {', '.join(missing)} (with or without .gz). "
-            f"Pass a directory holding them (load_mnist(DIR), pyro-bc --data DIR), set "
+            f"Pass a directory holding them (load_mnist(DIR), pyro-bc run --data DIR), set "
             f"{DATA_ENV_VAR} to one, or use download=True to fetch them into that directory."
         )
     tensors, paths = {}, {}
