@@ -41,7 +41,14 @@ def test_kl_audit_reports_dispatch():
         "Independent(Normal, 1)",
         "Independent(ImproperLogUniform, 1)",
     )
-    assert z.closed_form and z.kl > 0
+    # Molchanov et al.'s approximation, written out: alpha = 0.1^2 / 1^2 for each of 3 scales
+    alpha = torch.tensor(0.01, dtype=torch.float64)
+    per_scale = -(
+        0.63576 * torch.sigmoid(1.87320 + 1.48695 * alpha.log())
+        - 0.5 * torch.log1p(1 / alpha)
+        - 0.63576
+    )
+    assert z.closed_form and z.kl == pytest.approx(3 * per_scale.item(), rel=1e-5)
     assert (s.guide_dist, s.model_dist, s.closed_form, s.kl) == (
         "LogNormal",
         "HalfCauchy",

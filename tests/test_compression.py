@@ -15,11 +15,13 @@ from pyro_bc.compression import (
     group_masks,
     histogram_valley,
     significand_bits,
+    weight_bits,
 )
 from pyro_bc.fixed_point import dequantize, fixed_point_width, quantize
 from pyro_bc.gather import Gather
 from pyro_bc.models import LeNet5Caffe, LeNet300100
 from pyro_bc.nn import BayesianConv2d, BayesianLinear, BayesianNetwork
+from pyro_bc.predictive import expected_calibration_error, predictive_metrics
 from pyro_bc.priors import GroupHorseshoe
 
 PRUNED_LOG_VAR = 2.0  # log alpha = 2 - log(mu_z^2) >= -3 for mu_z near 1: pruned
@@ -225,6 +227,8 @@ def test_bit_width_rule_against_a_hand_computation():
     assert significand_bits(torch.tensor([1e-3])) == 8
     assert significand_bits(torch.tensor([1e-5])) == 15
     assert significand_bits(torch.tensor([0.3])) == 0
+    # per weight, the same rule
+    assert weight_bits(torch.tensor([1e-3, 1e-5, 0.3])).tolist() == [8, 15, 0]
     assert significand_bits(torch.tensor([1e-12])) == 23
     assert significand_bits(torch.tensor([1e-3, 1e-5])) == 12  # ceil(11.5)
     assert significand_bits(torch.tensor([1e-3, 1e-5, 0.3])) == 8  # ceil(23 / 3)
@@ -309,11 +313,18 @@ def test_conv_multiply_adds_count_output_positions():
     assert (conv1.paper_bits, conv1.file_bits) == (32, 32)
 
 
-def test_report_states_the_error_of_the_compressed_network():
+def test_report_states_the_error_of_the_compressed_network(monkeypatch):
     model = LeNet300100()
     guide = _set_posterior(pyro_bc.StructuredGuide(model), CASES["lenet300"][1])
     data = TensorDataset(torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,)))
     loader = DataLoader(data, batch_size=32)
+    dense = []
+
+    def recorded(*args, **kwargs):
+        dense.append((args, kwargs, predictive_metrics(*args, **kwargs)))
+        return dense[-1][2]
+
+    monkeypatch.setattr("pyro_bc.compression.pipeline.predictive_metrics", recorded)
     compressed = pyro_bc.compress(guide, test_loader=loader)
     report = compressed.report
     assert report.test_examples == 64
@@ -326,8 +337,15 @@ def test_report_states_the_error_of_the_compressed_network():
             for x, y in loader
         )
     assert report.test_nll == pytest.approx(cross_entropy / 64, rel=1e-4)
-    assert 0 <= report.test_ece <= 1 and 0 <= report.dense_test_ece <= 1
-    assert report.dense_test_nll > 0 and report.predictive_samples == 10
+    with torch.no_grad():
+        probs = torch.cat([compressed(x).softmax(-1) for x, _ in loader])
+    labels = torch.cat([y for _, y in loader])
+    assert report.test_ece == pytest.approx(expected_calibration_error(probs, labels), rel=1e-5)
+    # the dense figures are those of the posterior predictive of this model and guide
+    ((args, kwargs, metrics),) = dense
+    assert args[:3] == (model, guide, loader) and kwargs == {"num_samples": 10}
+    assert (report.dense_test_nll, report.dense_test_ece) == (metrics.nll, metrics.ece)
+    assert report.predictive_samples == 10
     assert "calibration" in str(report)
     text = str(report)
     assert "784-300-100 -> " in text and "test error" in text and "after precision" in text

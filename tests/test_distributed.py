@@ -11,6 +11,7 @@ import pytest
 import torch.distributed as dist
 
 import pyro_bc
+from pyro_bc.cli import main
 
 WORKER = textwrap.dedent(
     """
@@ -100,7 +101,7 @@ def test_two_processes_average_to_the_combined_batch_and_resume(tmp_path):
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
-def test_the_command_trains_on_two_processes_under_torchrun(tmp_path):
+def test_the_command_trains_on_two_processes_under_torchrun(tmp_path, capsys):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc_per_node", "2", "-m", "pyro_bc.cli", "run", "--epochs", "1"]
     command += ["--pretrain-epochs", "1", "--mc-samples", "0", "--no-figures", "--quiet"]
@@ -115,3 +116,7 @@ def test_the_command_trains_on_two_processes_under_torchrun(tmp_path):
     assert (
         network.report is None and summary["file_bytes"] == (tmp_path / "model.bc").stat().st_size
     )
+    assert main(["evaluate", str(tmp_path / "model.bc")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    errors = round(summary["test_error_compressed"] * result["n"])
+    assert round(result["error"] * result["n"]) == errors

@@ -104,6 +104,44 @@ def test_conv_rejects_indivisible_groups():
         BayesianConv2d(3, 4, 3, groups=2)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_dense_moments_given_the_scales_are_sums_over_the_inputs(bias):
+    # out_j = sum_i x_i z_i theta_ji + b_j, every theta_ji ~ N(m_ji, v_ji) and b_j ~ N(mb_j, vb_j)
+    # independent: mean sum_i x_i z_i m_ji + mb_j, variance sum_i (x_i z_i)^2 v_ji + vb_j
+    layer = BayesianLinear(4, 3, bias=bias)
+    x, z = torch.randn(2, 4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+    m, v = torch.randn(3, 4, dtype=torch.float64), torch.rand(3, 4, dtype=torch.float64)
+    mb, vb = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64)
+    mean, var = layer.moments(x, z, m, v, mb if bias else None, vb if bias else None)
+    for n in range(2):
+        for j in range(3):
+            terms = [(x[n, i] * z[i], m[j, i], v[j, i]) for i in range(4)]
+            expected_mean = sum(xz * mu for xz, mu, _ in terms) + (mb[j] if bias else 0)
+            expected_var = sum(xz**2 * s2 for xz, _, s2 in terms) + (vb[j] if bias else 0)
+            assert mean[n, j].item() == pytest.approx(float(expected_mean), rel=1e-12)
+            assert var[n, j].item() == pytest.approx(float(expected_var), rel=1e-12)
+
+
+def test_conv_moments_given_the_scales_are_sums_over_the_receptive_field():
+    # out_c(p) = z_c (sum over the window of x theta_c + b_c): mean z_c (sum x m_c + mb_c),
+    # variance z_c^2 (sum x^2 v_c + vb_c); padding 1 adds zeros around the 4x4 input
+    layer = BayesianConv2d(2, 3, 3, padding=1)
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    z = torch.rand(3, dtype=torch.float64) + 0.5
+    m, v = torch.randn(3, 2, 3, 3, dtype=torch.float64), torch.rand(3, 2, 3, 3, dtype=torch.float64)
+    mb, vb = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64)
+    mean, var = layer.moments(x, z, m, v, mb, vb)
+    padded = F.pad(x, (1, 1, 1, 1))[0]
+    for c in range(3):
+        for row in range(4):
+            for col in range(4):
+                window = padded[:, row : row + 3, col : col + 3]
+                expected_mean = z[c] * ((window * m[c]).sum() + mb[c])
+                expected_var = z[c] ** 2 * ((window**2 * v[c]).sum() + vb[c])
+                assert mean[0, c, row, col].item() == pytest.approx(expected_mean.item(), rel=1e-12)
+                assert var[0, c, row, col].item() == pytest.approx(expected_var.item(), rel=1e-12)
+
+
 def test_predictive_runs_with_the_guide():
     model = BayesianNetwork([nn.Flatten(), BayesianLinear(4, 3)])
     guide = pyro_bc.StructuredGuide(model)
