@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .batches import batches, check_labels_inside, count_outside
 from .codec import MAX_PARAMETERS, decode, encode
 from .files import write_atomically
 
@@ -123,15 +124,19 @@ class CompressedNetwork(nn.Sequential):
         """
         self.eval()
         device = next((p.device for p in self.parameters()), torch.device("cpu"))
-        errors = torch.zeros((), dtype=torch.long, device=device)
+        errors = torch.zeros(2, dtype=torch.long, device=device)  # and labels outside
         seen = 0
-        for x, y in loader:
+        for x, y in batches(loader, "CompressedNetwork.evaluate"):
             x, y = x.to(device), y.to(device)
-            errors += (self(x).argmax(-1) != y).sum()
+            logits = self(x)
+            errors[0] += (logits.argmax(-1) != y).sum()
+            errors[1] += count_outside(y, logits.shape[-1])
             seen += len(y)
+        wrong, outside = errors.tolist()
+        check_labels_inside(outside, logits.shape[-1], "CompressedNetwork.evaluate")
         if seen == 0:
             raise ValueError("evaluate: the loader yielded no examples")
-        return {"error": errors.item() / seen, "n": seen}
+        return {"error": wrong / seen, "n": seen}
 
 
 def load(path, max_parameters: int = MAX_PARAMETERS) -> CompressedNetwork:

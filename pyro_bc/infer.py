@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as bc_distributed
 from . import poutine as bc_poutine
+from .batches import batches, check_labels_inside, count_outside, require_reiterable
 from .checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -272,6 +273,16 @@ def fit(
 
         history = pyro_bc.fit(model, guide, train_loader, epochs=200, test_loader=test_loader)
     """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"fit: epochs must be a non-negative integer, got {epochs!r}")
+    if max_steps is not None and (
+        isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1
+    ):
+        raise ValueError(f"fit: max_steps must be a positive integer or None, got {max_steps!r}")
+    if epochs > 1:
+        require_reiterable(train_loader, "fit(train_loader=...)")
+        if test_loader is not None:
+            require_reiterable(test_loader, "fit(test_loader=...)")
     if distributed:
         bc_distributed.require_process_group("fit(distributed=True)")
         seed = 0 if seed is None else seed
@@ -325,14 +336,15 @@ def fit(
         diverged = torch.zeros((), dtype=torch.bool, device=device)
         good_steps = torch.zeros((), dtype=torch.int64, device=device)
         total_seen = steps = 0
-        batches = tqdm(
-            train_loader,
+        progress_bar = tqdm(
+            batches(train_loader, "fit"),
+            total=len(train_loader) if hasattr(train_loader, "__len__") else None,
             desc=f"epoch {epoch + 1}/{epochs}",
             disable=not (progress and main_process),
             leave=False,
             mininterval=1.0,
         )
-        for x, y in batches:
+        for x, y in progress_bar:
             if max_steps is not None and steps >= max_steps:
                 break
             x = x.to(device, non_blocking=True)
@@ -349,7 +361,7 @@ def fit(
                 running, errors, bad = torch.stack(
                     [total_loss, total_errors.to(sum_dtype), diverged.to(sum_dtype)]
                 ).tolist()
-                batches.set_postfix(
+                progress_bar.set_postfix(
                     loss=f"{running / steps:.4g}", err=f"{errors / total_seen:.2%}", refresh=False
                 )
                 if bad and not distributed:
@@ -471,11 +483,13 @@ def pretrain(network, train_loader, *, epochs: int = 10, lr: float = 1e-3, progr
         twin = pretrain(LeNet300100.deterministic(), train_loader, epochs=10)
         guide.init_from(twin)
     """
+    if epochs > 1:
+        require_reiterable(train_loader, "pretrain(train_loader=...)")
     optimizer = torch.optim.Adam(network.parameters(), lr=lr)
     device = _device_of(network)
     network.train()
     for _ in tqdm(range(epochs), desc="pretraining", disable=not progress, leave=False):
-        for x, y in train_loader:
+        for x, y in batches(train_loader, "pretrain"):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = torch.nn.functional.cross_entropy(network(x), y)
             optimizer.zero_grad(set_to_none=True)
@@ -546,13 +560,20 @@ def evaluate(model, guide, loader, *, num_samples: int = 0) -> dict:
         evaluate(model, guide, test_loader, num_samples=10)
         # {'error': 0.0172, 'error_mc': 0.0168, 'n': 10000}
     """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
+        raise ValueError(
+            f"evaluate: num_samples must be a non-negative integer, got {num_samples!r}"
+        )
     model.eval()
     device = _device_of(guide)
-    errors = torch.zeros(2, dtype=torch.int64, device=device)  # read once, at the end
+    # errors, Monte Carlo errors, labels outside the classes: read once, at the end
+    errors = torch.zeros(3, dtype=torch.int64, device=device)
     seen = 0
-    for x, y in loader:
+    for x, y in batches(loader, "evaluate"):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        errors[0] += (predict_logits(model, guide, x).argmax(-1) != y).sum()
+        logits = predict_logits(model, guide, x)
+        errors[0] += (logits.argmax(-1) != y).sum()
+        errors[2] += count_outside(y, logits.shape[-1])
         if num_samples > 0:
             probs = sum(
                 predict_logits(model, guide, x, mode="sample").softmax(-1)
@@ -560,7 +581,8 @@ def evaluate(model, guide, loader, *, num_samples: int = 0) -> dict:
             )
             errors[1] += (probs.argmax(-1) != y).sum()
         seen += len(y)
-    errors, errors_mc = errors.tolist()
+    errors, errors_mc, outside = errors.tolist()
+    check_labels_inside(outside, logits.shape[-1], "evaluate")
     result = {"error": errors / seen, "n": seen}
     if num_samples > 0:
         result["error_mc"] = errors_mc / seen

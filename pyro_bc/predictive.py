@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .batches import batches
 from .infer import predict_logits
 
 __all__ = [
@@ -180,10 +181,10 @@ def expected_calibration_error(
 
     Each example's confidence is its largest probability and it is correct when that class is
     the label. The interval ``[0, 1]`` is cut into ``num_bins`` equal-width bins
-    ``((b-1)/B, b/B]`` (15 by default, as Guo et al., 2017; a confidence of exactly 0 goes to the
-    first bin); then ``ECE = sum_b (n_b / n) |accuracy_b - mean confidence_b|``. It is 0 for a
-    calibrated predictor (of all examples predicted with confidence ``c``, a fraction ``c`` is
-    right) and at most 1.
+    ``((b-1)/B, b/B]`` (15 by default, as Guo et al., 2017); then
+    ``ECE = sum_b (n_b / n) |accuracy_b - mean confidence_b|``. It is 0 for a calibrated
+    predictor (of all examples predicted with confidence ``c``, a fraction ``c`` is right) and
+    at most 1.
 
     Example::
 
@@ -260,8 +261,17 @@ def _check_probs(probs, labels):
             f"probs must be (examples, classes) and labels (examples,); got "
             f"{tuple(probs.shape)} and {tuple(labels.shape)}"
         )
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer class indices, got {labels.dtype}")
     if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < probs.shape[1]:
         raise ValueError(f"labels must lie in 0..{probs.shape[1] - 1} (the classes of probs)")
+    rows = probs.detach().double().sum(-1)
+    sums_to_one = torch.allclose(rows, torch.ones_like(rows), atol=1e-3)
+    if probs.numel() and not (torch.isfinite(probs).all() and (probs >= 0).all() and sums_to_one):
+        raise ValueError(
+            "probs must be class probabilities (finite, non-negative, each row summing to 1); "
+            "for logits, pass logits.softmax(-1)"
+        )
 
 
 def calibration(
@@ -312,11 +322,9 @@ def calibration(
 
 def _metrics(probs_of, loader, num_bins, predictor):
     probs, labels = [], []
-    for x, y in loader:
+    for x, y in batches(loader, predictor):
         probs.append(probs_of(x).double().cpu())
         labels.append(y.cpu())
-    if not labels:
-        raise ValueError(f"{predictor}: the loader yielded no examples")
     return calibration(torch.cat(probs), torch.cat(labels), num_bins, predictor)
 
 

@@ -113,10 +113,9 @@ def test_ece_of_a_miscalibrated_predictor_equals_the_hand_computation():
 
 
 def test_bin_edges_belong_to_the_lower_bin():
-    # (b-1)/B < c <= b/B: 0.5 is the top of bin 0 of 2, 0 is in bin 0 too
-    result = predictive.calibration(
-        torch.tensor([[0.5, 0.5], [0.0, 0.0], [0.75, 0.25]]), torch.tensor([0, 0, 0]), num_bins=2
-    )
+    # (b-1)/B < c <= b/B: 0.5 is the top of bin 0 of 2
+    probs = torch.tensor([[0.5, 0.5, 0.0], [1 / 3, 1 / 3, 1 / 3], [0.75, 0.25, 0.0]])
+    result = predictive.calibration(probs, torch.tensor([0, 0, 0]), num_bins=2)
     assert result.bin_count.tolist() == [2, 1]
 
 
@@ -127,11 +126,17 @@ def test_bad_input_is_named():
         predictive.calibration(torch.full((2, 2), 0.5), torch.tensor([0]))
     with pytest.raises(ValueError, match="num_bins"):
         predictive.calibration(torch.full((2, 2), 0.5), torch.tensor([0, 1]), num_bins=0)
+    # logits, NaN, or float labels where probabilities and classes belong
+    for probs in (torch.tensor([[2.0, -1.0]]), torch.tensor([[float("nan"), 1.0]])):
+        with pytest.raises(ValueError, match="probs must be class probabilities.*softmax"):
+            predictive.calibration(probs, torch.tensor([0]))
+    with pytest.raises(ValueError, match="labels must be integer class indices"):
+        predictive.negative_log_likelihood(torch.full((1, 2), 0.5), torch.tensor([0.0]))
     model, guide = _model_and_guide()
     with pytest.raises(ValueError, match="num_samples"):
         predictive.predictive_probs(model, guide, torch.randn(2, 5), num_samples=0)
     empty = DataLoader(TensorDataset(torch.randn(0, 5), torch.zeros(0, dtype=torch.long)))
-    with pytest.raises(ValueError, match="no examples"):
+    with pytest.raises(ValueError, match="yielded no batches"):
         predictive.network_metrics(nn.Linear(5, 3), empty)
 
 

@@ -78,8 +78,8 @@ VALIDATION_HELP = (
 )
 BUDGET_HELP = (
     "search the thresholds and bit widths for the smallest network whose validation error is "
-    "at most this much (a fraction: 0.001 = 0.1 points) above the dense network's (default "
-    "for run, with images held out and no --thresholds: the recipe's budget, 0.001 for the "
+    "at most this much (a fraction: 0.001 = 0.1 points) above the dense network's (default: "
+    "for run, with images held out and no --thresholds, the recipe's budget, 0.001 for the "
     "LeNets on full MNIST, 0.005 on the shipped subset, none for vgg16, which then uses its "
     "thresholds; for compress: no search, the thresholds of --thresholds)"
 )

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..batches import require_reiterable
 from ..compressed import CompressedNetwork
 from ..infer import evaluate
 from ..nn import BayesianLayer
@@ -196,6 +197,19 @@ def compress(
         )
     if reference_error is not None and validation is None:
         raise ValueError("compress: reference_error needs validation and max_error_increase")
+    if reference_error is not None and not (
+        isinstance(reference_error, (int, float))
+        and not isinstance(reference_error, bool)
+        and 0 <= reference_error <= 1
+    ):
+        raise ValueError(
+            f"compress: reference_error is an error rate in [0, 1] (the validation error the "
+            f"budget is counted from), got {reference_error!r}"
+        )
+    if validation is not None:
+        require_reiterable(validation, "compress(validation=...)")
+    if test_loader is not None:
+        require_reiterable(test_loader, "compress(test_loader=...)")
     # with a budget the search replaces the thresholds: start from the whole network
     analysis = analyse(guide, math.inf if validation is not None else thresholds, input_shape)
     means, calibration_examples = {}, None

@@ -19,6 +19,9 @@ from ..infer import fit, linear_decay
 from .pipeline import compress
 from .thinned_posterior import thin_posterior
 
+#: the arguments of :func:`~pyro_bc.compress` that :func:`refit` passes on
+REFIT_OPTIONS = {"test_loader", "predictive_samples", "input_shape"}
+
 
 def refit(
     compressed,
@@ -43,8 +46,9 @@ def refit(
         ``len(train_loader.dataset)`` examples. It also calibrates the pruned inputs.
     :param epochs: epochs of SVI, Adam at ``lr`` decaying linearly to 0.
     :param seed: seeds the SVI epochs (:func:`~pyro_bc.fit`).
-    :param options: more arguments of :func:`~pyro_bc.compress` (``test_loader``,
-        ``predictive_samples``).
+    :param options: more arguments of :func:`~pyro_bc.compress`: ``test_loader``,
+        ``predictive_samples``, ``input_shape`` (:data:`REFIT_OPTIONS`; the others are the
+        chosen network's).
     :returns: ``(refitted, thinned)``: the new :class:`~pyro_bc.CompressedNetwork`, with the
         architecture and bit widths of ``compressed`` and its rates, and the refitted thinned
         guide. Its report gives each layer's threshold and the rules that chose it and the bits,
@@ -61,9 +65,27 @@ def refit(
         final, thinned = refit(chosen, guide, train_and_val, epochs=20, lr=1e-3, seed=0)
         final.report.pruning_rate == chosen.report.pruning_rate  # True
     """
-    if epochs < 1:
-        raise ValueError(f"refit: epochs must be at least 1, got {epochs}")
-    chosen = compressed.report
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"refit: epochs must be a positive integer, got {epochs!r}")
+    fixed = sorted(set(options) - REFIT_OPTIONS)
+    if fixed:
+        raise TypeError(
+            f"refit: {', '.join(fixed)} cannot be passed: the groups, bits and calibration are "
+            f"the chosen network's; of compress's arguments only {', '.join(sorted(REFIT_OPTIONS))}"
+        )
+    chosen = getattr(compressed, "report", None)
+    if chosen is None:
+        raise ValueError(
+            "refit: compressed has no report (a network read from a file has none); pass the "
+            "network compress or compress_retrained returned, with the guide it came from"
+        )
+    if not hasattr(train_loader, "dataset"):
+        raise TypeError(
+            f"refit: train_loader must be a DataLoader (the length of its dataset scales the "
+            f"likelihood), got {type(train_loader).__name__}"
+        )
+    if len(train_loader.dataset) == 0:
+        raise ValueError("refit: train_loader's dataset is empty")
     thresholds = {layer.name: layer.threshold for layer in chosen.layers}
     try:
         thinned = thin_posterior(posterior, thresholds, calibration=train_loader)
