@@ -283,6 +283,7 @@ def fit(
         require_reiterable(train_loader, "fit(train_loader=...)")
         if test_loader is not None:
             require_reiterable(test_loader, "fit(test_loader=...)")
+    _warn_if_batches_stand_for_the_data_set(model, train_loader)
     if distributed:
         bc_distributed.require_process_group("fit(distributed=True)")
         seed = 0 if seed is None else seed
@@ -470,6 +471,25 @@ def _apply_requested_lrs(optimizer, requested, checkpoint):
 
 def _one_or_all(values):
     return values[0] if len(set(values)) == 1 else values
+
+
+def _warn_if_batches_stand_for_the_data_set(model, train_loader):
+    # without dataset_size the data plate scales a mini-batch's likelihood by 1: the KL to the
+    # prior then outweighs the data by len(dataset) / batch_size and prunes what the data needs
+    dataset, batch_size = (
+        getattr(train_loader, "dataset", None),
+        getattr(train_loader, "batch_size", None),
+    )
+    if getattr(model, "dataset_size", 0) is not None or not hasattr(dataset, "__len__"):
+        return
+    if batch_size and len(dataset) > batch_size:
+        warnings.warn(
+            f"fit: the model's dataset_size is None, so each mini-batch of {batch_size} counts "
+            f"as the whole data set and the KL to the prior weighs {len(dataset) / batch_size:.0f} "
+            f"times too much; set model.dataset_size = len(train_loader.dataset) "
+            f"({len(dataset)})",
+            stacklevel=3,
+        )
 
 
 def pretrain(network, train_loader, *, epochs: int = 10, lr: float = 1e-3, progress: bool = True):

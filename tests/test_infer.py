@@ -244,3 +244,16 @@ def test_a_checkpoint_past_the_requested_epochs_is_an_error(small_mnist, tmp_pat
         pyro_bc.fit(
             model, guide, loader, epochs=1, progress=False, checkpoint=checkpoint, resume=True
         )
+
+
+def test_a_model_without_dataset_size_is_warned_about_its_mini_batches():
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    model = LeNet300100()  # dataset_size None: a batch of 16 would count as all 64 examples
+    guide = pyro_bc.StructuredGuide(model)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    with pytest.warns(UserWarning, match=r"dataset_size is None.*4 times too much.*\(64\)"):
+        pyro_bc.fit(model, guide, loader, max_steps=1, progress=False)
+    model.dataset_size = 64
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pyro_bc.fit(model, guide, loader, max_steps=1, progress=False)
