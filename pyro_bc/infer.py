@@ -273,12 +273,9 @@ def fit(
 
         history = pyro_bc.fit(model, guide, train_loader, epochs=200, test_loader=test_loader)
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"fit: epochs must be a non-negative integer, got {epochs!r}")
-    if max_steps is not None and (
-        isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1
-    ):
-        raise ValueError(f"fit: max_steps must be a positive integer or None, got {max_steps!r}")
+    _require_count(epochs, "fit: epochs", minimum=0)
+    if max_steps is not None:
+        _require_count(max_steps, "fit: max_steps", minimum=1)
     if epochs > 1:
         require_reiterable(train_loader, "fit(train_loader=...)")
         if test_loader is not None:
@@ -473,13 +470,16 @@ def _one_or_all(values):
     return values[0] if len(set(values)) == 1 else values
 
 
+def _require_count(value, name, minimum):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer of at least {minimum}, got {value!r}")
+
+
 def _warn_if_batches_stand_for_the_data_set(model, train_loader):
     # without dataset_size the data plate scales a mini-batch's likelihood by 1: the KL to the
     # prior then outweighs the data by len(dataset) / batch_size and prunes what the data needs
-    dataset, batch_size = (
-        getattr(train_loader, "dataset", None),
-        getattr(train_loader, "batch_size", None),
-    )
+    dataset = getattr(train_loader, "dataset", None)
+    batch_size = getattr(train_loader, "batch_size", None)
     if getattr(model, "dataset_size", 0) is not None or not hasattr(dataset, "__len__"):
         return
     if batch_size and len(dataset) > batch_size:
@@ -580,10 +580,7 @@ def evaluate(model, guide, loader, *, num_samples: int = 0) -> dict:
         evaluate(model, guide, test_loader, num_samples=10)
         # {'error': 0.0172, 'error_mc': 0.0168, 'n': 10000}
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
-        raise ValueError(
-            f"evaluate: num_samples must be a non-negative integer, got {num_samples!r}"
-        )
+    _require_count(num_samples, "evaluate: num_samples", minimum=0)
     model.eval()
     device = _device_of(guide)
     # errors, Monte Carlo errors, labels outside the classes: read once, at the end

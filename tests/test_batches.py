@@ -74,12 +74,12 @@ def test_fit_checks_every_batch_and_its_arguments():
     with pytest.raises(ValueError, match="fit: the loader yielded no batches"):
         pyro_bc.fit(model, guide, [], progress=False)
     for arguments, message in [
-        ({"epochs": -1}, "epochs must be a non-negative integer"),
-        ({"max_steps": 0}, "max_steps must be a positive integer"),
+        ({"epochs": -1}, "epochs must be an integer of at least 0"),
+        ({"max_steps": 0}, "max_steps must be an integer of at least 1"),
     ]:
         with pytest.raises(ValueError, match=message):
             pyro_bc.fit(model, guide, [good], progress=False, **arguments)
-    with pytest.raises(ValueError, match="num_samples must be a non-negative integer"):
+    with pytest.raises(ValueError, match="num_samples must be an integer of at least 0"):
         pyro_bc.evaluate(model, guide, [good], num_samples=-1)
 
 
