@@ -42,32 +42,43 @@ def batches(loader, where: str):
     """
     empty = True
     for batch in loader:
-        if not (
-            isinstance(batch, (tuple, list))
-            and len(batch) == 2
-            and all(isinstance(t, torch.Tensor) for t in batch)
-        ):
-            raise TypeError(
-                f"{where}: each batch must be an (x, y) pair of tensors, got {_kind(batch)}"
-            )
-        x, y = batch
-        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 1:
-            raise ValueError(
-                f"{where}: labels must be integer class indices of shape (batch,), got "
-                f"{y.dtype} of shape {tuple(y.shape)}"
-            )
-        if x.dim() == 0 or len(x) != len(y):
-            raise ValueError(
-                f"{where}: a batch of {len(y)} labels has inputs of shape {tuple(x.shape)}: the "
-                "first dimension of x must count the examples"
-            )
+        yield checked(batch, where)
         empty = False
-        yield x, y
     if empty:
         once = ""
         if isinstance(loader, Iterator):
             once = " (an iterator is read once; pass a DataLoader or a list)"
         raise ValueError(f"{where}: the loader yielded no batches{once}")
+
+
+def checked(batch, where: str):
+    """``batch`` as ``(x, y)`` once checked as :func:`batches` checks each (for a loop that must
+    iterate the loader itself).
+
+    Example::
+
+        x, y = checked(batch, "fit")
+    """
+    if not (
+        isinstance(batch, (tuple, list))
+        and len(batch) == 2
+        and all(isinstance(t, torch.Tensor) for t in batch)
+    ):
+        raise TypeError(
+            f"{where}: each batch must be an (x, y) pair of tensors, got {_kind(batch)}"
+        )
+    x, y = batch
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 1:
+        raise ValueError(
+            f"{where}: labels must be integer class indices of shape (batch,), got "
+            f"{y.dtype} of shape {tuple(y.shape)}"
+        )
+    if x.dim() == 0 or len(x) != len(y):
+        raise ValueError(
+            f"{where}: a batch of {len(y)} labels has inputs of shape {tuple(x.shape)}: the "
+            "first dimension of x must count the examples"
+        )
+    return x, y
 
 
 def count_outside(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

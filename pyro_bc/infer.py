@@ -19,7 +19,13 @@ from tqdm.auto import tqdm
 
 from . import distributed as bc_distributed
 from . import poutine as bc_poutine
-from .batches import batches, check_labels_inside, count_outside, require_reiterable
+from .batches import (
+    batches,
+    check_labels_inside,
+    checked,
+    count_outside,
+    require_reiterable,
+)
 from .checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -334,17 +340,19 @@ def fit(
         diverged = torch.zeros((), dtype=torch.bool, device=device)
         good_steps = torch.zeros((), dtype=torch.int64, device=device)
         total_seen = steps = 0
+        # tqdm iterates the loader itself: its throwaway iterator draws from the random stream
+        # (as a DataLoader's does), which every resumed or committed run depends on
         progress_bar = tqdm(
-            batches(train_loader, "fit"),
-            total=len(train_loader) if hasattr(train_loader, "__len__") else None,
+            train_loader,
             desc=f"epoch {epoch + 1}/{epochs}",
             disable=not (progress and main_process),
             leave=False,
             mininterval=1.0,
         )
-        for x, y in progress_bar:
+        for batch in progress_bar:
             if max_steps is not None and steps >= max_steps:
                 break
+            x, y = checked(batch, "fit")
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             loss, logits = step(x, y)
@@ -364,6 +372,8 @@ def fit(
                 )
                 if bad and not distributed:
                     break
+        if steps == 0:
+            raise ValueError("fit: the loader yielded no batches")
         totals = torch.stack(
             [
                 total_loss,
