@@ -81,6 +81,25 @@ def checked(batch, where: str):
     return x, y
 
 
+def check_inputs(x: torch.Tensor, input_shape, where: str) -> None:
+    """Raises unless ``x`` is a floating-point batch of examples of ``input_shape`` (any shape
+    when it is None), naming ``where`` and the shape the network takes.
+
+    Example::
+
+        check_inputs(x, (1, 28, 28), "fit")  # x of shape (128, 1, 28, 28), float32: fine
+    """
+    wrong_shape = input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape)
+    if wrong_shape or not x.is_floating_point():
+        wanted = "(batch, ...)" if input_shape is None else str(("batch", *input_shape))
+        wanted = wanted.replace("'batch'", "batch")
+        raise ValueError(
+            f"{where}: inputs of shape {tuple(x.shape)} and dtype {x.dtype}, but the network "
+            f"takes floating-point batches of shape {wanted}; reshape or convert them as the "
+            "training inputs were"
+        )
+
+
 def count_outside(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """How many ``labels`` lie outside ``0..num_classes - 1``, as a tensor on their device
     (read it once, after the loop, not per batch).

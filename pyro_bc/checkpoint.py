@@ -126,6 +126,11 @@ def load_checkpoint(path, guide=None, *, epochs: int | None = None) -> dict:
         guide.load_state_dict(load_checkpoint("run/checkpoint.pt", guide)["guide"])
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"checkpoint {path} is a directory; pass the checkpoint file (pyro-bc run writes "
+            "checkpoint.pt in its output directory)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     _check_archive(path)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .batches import batches, check_labels_inside, count_outside
+from .batches import batches, check_inputs, check_labels_inside, count_outside
 from .codec import MAX_PARAMETERS, decode, encode
 from .files import write_atomically
 
@@ -106,6 +106,11 @@ class CompressedNetwork(nn.Sequential):
             compressed = CompressedNetwork.load("lenet300.bc")
         """
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(
+                f"compressed network {path} is a directory; pass the .bc file (pyro-bc run writes "
+                "model.bc in its output directory)"
+            )
         if not path.is_file():
             raise FileNotFoundError(f"compressed network {path} does not exist")
         try:
@@ -127,6 +132,7 @@ class CompressedNetwork(nn.Sequential):
         errors = torch.zeros(2, dtype=torch.long, device=device)  # and labels outside
         seen = 0
         for x, y in batches(loader, "CompressedNetwork.evaluate"):
+            check_inputs(x, self.input_shape, "CompressedNetwork.evaluate")
             x, y = x.to(device), y.to(device)
             logits = self(x)
             errors[0] += (logits.argmax(-1) != y).sum()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable
 
 import pyro
@@ -351,6 +352,13 @@ class StructuredGuide(nn.Module):
             raise ValueError(f"{type(model).__name__} has no pyro_bc Bayesian layers to guide")
         if not isinstance(clip_var, dict):
             clip_var = {layer.site(): clip_var for layer in layers}
+        for site, value in clip_var.items():
+            number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if value is not None and not (number and 0 < value < math.inf):
+                raise ValueError(
+                    f"StructuredGuide: clip_var for {site!r} must be a positive variance or None, "
+                    f"got {value!r}"
+                )
         unknown = set(clip_var) - {layer.site() for layer in layers}
         if unknown:
             raise ValueError(f"clip_var names layers the model does not have: {sorted(unknown)}")

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import os
 import time
 import warnings
@@ -280,6 +282,14 @@ def fit(
         history = pyro_bc.fit(model, guide, train_loader, epochs=200, test_loader=test_loader)
     """
     _require_count(epochs, "fit: epochs", minimum=0)
+    _require_count(num_particles, "fit: num_particles", minimum=1)
+    _require_count(keep_last, "fit: keep_last", minimum=0)
+    if seed is not None:
+        _require_count(seed, "fit: seed", minimum=0)
+        seed = int(seed)  # Python's random.seed refuses numpy integers
+    rate = isinstance(lr, numbers.Real) and not isinstance(lr, bool)
+    if lr is not None and not (rate and 0 < lr < math.inf):
+        raise ValueError(f"fit: lr must be a positive learning rate, got {lr!r}")
     if max_steps is not None:
         _require_count(max_steps, "fit: max_steps", minimum=1)
     if epochs > 1:
@@ -481,7 +491,7 @@ def _one_or_all(values):
 
 
 def _require_count(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer of at least {minimum}, got {value!r}")
 
 

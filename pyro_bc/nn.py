@@ -14,6 +14,7 @@ layer's output for given scale and weights, batch norm folded in).
 
 from __future__ import annotations
 
+import numbers
 from collections import OrderedDict
 
 import pyro
@@ -24,6 +25,7 @@ from pyro.nn import PyroModule
 from pyro.poutine.runtime import effectful
 from torch import nn
 
+from .batches import check_inputs
 from .distributions import StandardNormal
 from .priors import GroupNormalJeffreys, as_prior, on_device
 
@@ -49,6 +51,11 @@ class BayesianLayer(PyroModule):
     group_dim: int
 
     def __init__(self, weight_shape, num_groups, prior, bias):
+        if not all(_is_count(n) and n > 0 for n in weight_shape):
+            raise ValueError(
+                f"{type(self).__name__}: sizes must be positive integers, got a weight of shape "
+                f"{tuple(weight_shape)}"
+            )
         super().__init__()
         self.prior = as_prior(GroupNormalJeffreys() if prior is None else prior)
         self.weight_shape = torch.Size(weight_shape)
@@ -470,8 +477,11 @@ class BayesianNetwork(PyroModule[nn.Sequential]):
         if not isinstance(layers, OrderedDict):
             layers = OrderedDict((str(i), layer) for i, layer in enumerate(layers))
         super().__init__(layers)
-        if dataset_size is not None and dataset_size < 1:
-            raise ValueError(f"dataset_size must be a positive integer, got {dataset_size}")
+        if dataset_size is not None and not (_is_count(dataset_size) and dataset_size >= 1):
+            raise ValueError(
+                f"{type(self).__name__}: dataset_size must be a positive integer, got "
+                f"{dataset_size!r}"
+            )
         self.dataset_size = dataset_size
         self.input_shape = None if input_shape is None else tuple(input_shape)
 
@@ -480,6 +490,7 @@ class BayesianNetwork(PyroModule[nn.Sequential]):
         return [m for m in self if isinstance(m, BayesianLayer)]
 
     def forward(self, x, y=None):
+        check_inputs(x, self.input_shape, type(self).__name__)
         logits = super().forward(x)
         batch_size = logits.shape[0]
         size = self.dataset_size or batch_size
@@ -488,3 +499,7 @@ class BayesianNetwork(PyroModule[nn.Sequential]):
         with pyro.plate("data", size, subsample=torch.arange(batch_size, device=logits.device)):
             pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
         return logits
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -2,13 +2,15 @@
 
 from collections import OrderedDict
 
+import numpy as np
+import pyro
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import pyro_bc
-from pyro_bc.batches import batches, require_reiterable
+from pyro_bc.batches import batches, check_inputs, require_reiterable
 from pyro_bc.compression import refit
 from pyro_bc.nn import BayesianLinear, BayesianNetwork
 
@@ -76,11 +78,43 @@ def test_fit_checks_every_batch_and_its_arguments():
     for arguments, message in [
         ({"epochs": -1}, "epochs must be an integer of at least 0"),
         ({"max_steps": 0}, "max_steps must be an integer of at least 1"),
+        ({"num_particles": 0}, "num_particles must be an integer of at least 1"),
+        ({"keep_last": -1}, "keep_last must be an integer of at least 0"),
+        ({"seed": "0"}, "seed must be an integer of at least 0"),
+        ({"lr": 0}, "lr must be a positive learning rate, got 0"),
+        ({"lr": -1e-3}, "lr must be a positive learning rate"),
     ]:
         with pytest.raises(ValueError, match=message):
             pyro_bc.fit(model, guide, [good], progress=False, **arguments)
     with pytest.raises(ValueError, match="num_samples must be an integer of at least 0"):
         pyro_bc.evaluate(model, guide, [good], num_samples=-1)
+
+
+def test_a_numpy_seed_trains_as_the_same_python_integer():
+    trained = []
+    for seed in [3, np.int64(3)]:
+        pyro.set_rng_seed(0)
+        model, guide, x, y = _network()
+        pyro_bc.fit(model, guide, [(x, y)], epochs=2, seed=seed, progress=False)
+        trained.append(torch.cat([p.detach().flatten() for p in guide.parameters()]))
+    assert torch.equal(*trained)
+
+
+def test_inputs_the_network_cannot_take_are_refused_by_name():
+    model, guide, x, y = _network()
+    for inputs, wrong in [
+        (x[:, :5], r"\(16, 5\) and dtype torch.float32"),
+        (x.long(), r"\(16, 6\) and dtype torch.int64"),
+    ]:
+        message = rf"BayesianNetwork: inputs of shape {wrong}.*floating-point .* \(batch, 6\)"
+        with pytest.raises(ValueError, match=message):
+            pyro_bc.fit(model, guide, [(inputs, y)], progress=False)
+        with pytest.raises(ValueError, match="CompressedNetwork.evaluate: inputs of shape"):
+            pyro_bc.compress(guide).evaluate([(inputs, y)])
+    check_inputs(x, (6,), "here")
+    check_inputs(torch.randn(2, 3, 4), None, "here")  # any shape where the network names none
+    with pytest.raises(ValueError, match=r"here: .* shape \(batch, \.\.\.\)"):
+        check_inputs(x.int(), None, "here")
 
 
 def test_compress_and_refit_refuse_what_they_cannot_honour(tmp_path):

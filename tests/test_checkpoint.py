@@ -69,6 +69,10 @@ def test_a_truncated_file_names_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=r"run.pt cannot be read.*truncated"):
         load_checkpoint(path)
+    with pytest.raises(IsADirectoryError, match="is a directory; pass the checkpoint file"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match="missing.pt does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
 
 
 def test_a_checkpoint_of_another_model_is_refused(tmp_path):

@@ -301,6 +301,8 @@ def test_load_names_the_file(tmp_path, small):
         pyro_bc.load(path)
     with pytest.raises(FileNotFoundError, match="missing.bc"):
         pyro_bc.load(tmp_path / "missing.bc")
+    with pytest.raises(IsADirectoryError, match="is a directory; pass the .bc file"):
+        pyro_bc.load(tmp_path)
 
 
 def test_save_refuses_what_it_cannot_store(small):

@@ -95,6 +95,9 @@ def test_clip_var_caps_the_weight_variance():
     assert dists["fc2.weight"].base_dist.scale.pow(2).max().item() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="fc9"):
         pyro_bc.StructuredGuide(LeNet300100(), clip_var={"fc9": 0.04})
+    for wrong in [0, -0.04, float("nan"), float("inf"), True, "0.04"]:
+        with pytest.raises(ValueError, match="clip_var for 'fc1' must be a positive variance"):
+            pyro_bc.StructuredGuide(LeNet300100(), clip_var={"fc1": wrong})
 
 
 @pytest.mark.parametrize("network", [LeNet300100, LeNet5Caffe])

@@ -1,6 +1,7 @@
 import math
 from collections import OrderedDict
 
+import numpy as np
 import pyro
 import pytest
 import torch
@@ -102,6 +103,21 @@ def test_conv_options_match_torch(kwargs):
 def test_conv_rejects_indivisible_groups():
     with pytest.raises(ValueError, match="divisible by groups"):
         BayesianConv2d(3, 4, 3, groups=2)
+
+
+def test_sizes_and_dataset_size_must_be_positive_integers():
+    for make, shape in [
+        (lambda: BayesianLinear(0, 5), r"\(5, 0\)"),
+        (lambda: BayesianLinear(2.5, 5), r"\(5, 2.5\)"),
+        (lambda: BayesianConv2d(1, 4, 0), r"\(4, 1, 0, 0\)"),
+    ]:
+        with pytest.raises(ValueError, match=rf"sizes must be positive integers.*{shape}"):
+            make()
+    layers = OrderedDict(fc1=BayesianLinear(6, 5))
+    for wrong in [0, 1.5, True]:
+        with pytest.raises(ValueError, match="BayesianNetwork: dataset_size must be a positive"):
+            BayesianNetwork(layers, dataset_size=wrong)
+    assert BayesianNetwork(layers, dataset_size=np.int64(16)).dataset_size == 16
 
 
 @pytest.mark.parametrize("bias", [True, False])
