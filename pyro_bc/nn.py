@@ -466,6 +466,9 @@ class BayesianNetwork(PyroModule[nn.Sequential]):
     scaled by ``dataset_size / len(x)``. Deterministic modules (activations, pooling, flatten)
     may sit between the Bayesian layers; :func:`pyro_bc.compress` thins such chains.
 
+    :param input_shape: the shape of one example, e.g. ``(1, 28, 28)``; given it, ``forward``
+        refuses batches of another shape or of integers with an error that names both.
+
     Example::
 
         model = BayesianNetwork(
@@ -490,7 +493,8 @@ class BayesianNetwork(PyroModule[nn.Sequential]):
         return [m for m in self if isinstance(m, BayesianLayer)]
 
     def forward(self, x, y=None):
-        check_inputs(x, self.input_shape, type(self).__name__)
+        if self.input_shape is not None:  # a network without one may take integers (embeddings)
+            check_inputs(x, self.input_shape, type(self).__name__)
         logits = super().forward(x)
         batch_size = logits.shape[0]
         size = self.dataset_size or batch_size
