@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import is_integer
 from .files import torch_save_atomically, write_atomically
 
 FORMAT = "pyro_bc.checkpoint"
@@ -266,7 +267,7 @@ def _check_schema(state, path, version):
     ):
         fail("'optimizer' is not an optimizer state dict (state, param_groups)")
     epoch = state["epoch"]
-    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+    if not (is_integer(epoch) and epoch >= 0):
         fail(f"'epoch' must be a non-negative integer, got {epoch!r}")
     history = state["history"]
     if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Callable
 
 import pyro
@@ -26,6 +25,7 @@ from pyro.poutine.messenger import Messenger
 from torch import nn
 from torch.distributions import biject_to, constraints, kl_divergence
 
+from .checks import is_number
 from .distributions import LogitNormal, NormalLogVar
 from .nn import SCALE_ROLE, WEIGHT_ROLE, BayesianLayer
 from .priors import on_device
@@ -353,8 +353,7 @@ class StructuredGuide(nn.Module):
         if not isinstance(clip_var, dict):
             clip_var = {layer.site(): clip_var for layer in layers}
         for site, value in clip_var.items():
-            number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-            if value is not None and not (number and 0 < value < math.inf):
+            if value is not None and not (is_number(value) and 0 < value < math.inf):
                 raise ValueError(
                     f"StructuredGuide: clip_var for {site!r} must be a positive variance or None, "
                     f"got {value!r}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import os
 import time
 import warnings
@@ -35,6 +34,7 @@ from .checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from .checks import is_number, require_count
 from .elbo import MeanFieldELBO, one_pass_negative_elbo, supports_one_pass
 from .tracing import TracedLoss
 
@@ -281,17 +281,16 @@ def fit(
 
         history = pyro_bc.fit(model, guide, train_loader, epochs=200, test_loader=test_loader)
     """
-    _require_count(epochs, "fit: epochs", minimum=0)
-    _require_count(num_particles, "fit: num_particles", minimum=1)
-    _require_count(keep_last, "fit: keep_last", minimum=0)
+    require_count(epochs, "fit: epochs", minimum=0)
+    require_count(num_particles, "fit: num_particles", minimum=1)
+    require_count(keep_last, "fit: keep_last", minimum=0)
     if seed is not None:
-        _require_count(seed, "fit: seed", minimum=0)
+        require_count(seed, "fit: seed", minimum=0)
         seed = int(seed)  # Python's random.seed refuses numpy integers
-    rate = isinstance(lr, numbers.Real) and not isinstance(lr, bool)
-    if lr is not None and not (rate and 0 < lr < math.inf):
+    if lr is not None and not (is_number(lr) and 0 < lr < math.inf):
         raise ValueError(f"fit: lr must be a positive learning rate, got {lr!r}")
     if max_steps is not None:
-        _require_count(max_steps, "fit: max_steps", minimum=1)
+        require_count(max_steps, "fit: max_steps", minimum=1)
     if epochs > 1:
         require_reiterable(train_loader, "fit(train_loader=...)")
         if test_loader is not None:
@@ -490,11 +489,6 @@ def _one_or_all(values):
     return values[0] if len(set(values)) == 1 else values
 
 
-def _require_count(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer of at least {minimum}, got {value!r}")
-
-
 def _warn_if_batches_stand_for_the_data_set(model, train_loader):
     # without dataset_size the data plate scales a mini-batch's likelihood by 1: the KL to the
     # prior then outweighs the data by len(dataset) / batch_size and prunes what the data needs
@@ -600,7 +594,7 @@ def evaluate(model, guide, loader, *, num_samples: int = 0) -> dict:
         evaluate(model, guide, test_loader, num_samples=10)
         # {'error': 0.0172, 'error_mc': 0.0168, 'n': 10000}
     """
-    _require_count(num_samples, "evaluate: num_samples", minimum=0)
+    require_count(num_samples, "evaluate: num_samples", minimum=0)
     model.eval()
     device = _device_of(guide)
     # errors, Monte Carlo errors, labels outside the classes: read once, at the end

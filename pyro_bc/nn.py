@@ -14,7 +14,6 @@ layer's output for given scale and weights, batch norm folded in).
 
 from __future__ import annotations
 
-import numbers
 from collections import OrderedDict
 
 import pyro
@@ -26,6 +25,7 @@ from pyro.poutine.runtime import effectful
 from torch import nn
 
 from .batches import check_inputs
+from .checks import is_integer
 from .distributions import StandardNormal
 from .priors import GroupNormalJeffreys, as_prior, on_device
 
@@ -51,7 +51,7 @@ class BayesianLayer(PyroModule):
     group_dim: int
 
     def __init__(self, weight_shape, num_groups, prior, bias):
-        if not all(_is_count(n) and n > 0 for n in weight_shape):
+        if not all(is_integer(n) and n > 0 for n in weight_shape):
             raise ValueError(
                 f"{type(self).__name__}: sizes must be positive integers, got a weight of shape "
                 f"{tuple(weight_shape)}"
@@ -480,7 +480,7 @@ class BayesianNetwork(PyroModule[nn.Sequential]):
         if not isinstance(layers, OrderedDict):
             layers = OrderedDict((str(i), layer) for i, layer in enumerate(layers))
         super().__init__(layers)
-        if dataset_size is not None and not (_is_count(dataset_size) and dataset_size >= 1):
+        if dataset_size is not None and not (is_integer(dataset_size) and dataset_size >= 1):
             raise ValueError(
                 f"{type(self).__name__}: dataset_size must be a positive integer, got "
                 f"{dataset_size!r}"
@@ -503,7 +503,3 @@ class BayesianNetwork(PyroModule[nn.Sequential]):
         with pyro.plate("data", size, subsample=torch.arange(batch_size, device=logits.device)):
             pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
         return logits
-
-
-def _is_count(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from .batches import batches
+from .checks import is_integer
 from .infer import predict_logits
 
 __all__ = [
@@ -132,7 +133,7 @@ def network_probs(network, x) -> torch.Tensor:
 
 
 def _check_num_samples(num_samples):
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+    if not (is_integer(num_samples) and num_samples >= 1):
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
 
 
@@ -285,7 +286,7 @@ def calibration(
         print(result)  # error 1.70%, NLL 0.0550 nats, ECE 0.0031 (15 bins), ...
     """
     _check_probs(probs, labels)
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
+    if not (is_integer(num_bins) and num_bins >= 1):
         raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}")
     if not len(labels):
         raise ValueError("calibration needs at least one example")

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from ..checks import is_integer
 from ..fixed_point import MAX_FRACTION_BITS
 from .arguments import per_layer
 
@@ -89,7 +90,7 @@ def resolve_bits(bits, kept_vars: dict) -> dict:
             resolved[name] = significand_bits(kept_vars[name])
         elif value is None:
             resolved[name] = None
-        elif isinstance(value, int) and not isinstance(value, bool):
+        elif is_integer(value):
             if not 0 <= value <= MAX_FRACTION_BITS:
                 raise ValueError(
                     f"compress: bits of {name!r} is {value}; use 0..{MAX_FRACTION_BITS} "

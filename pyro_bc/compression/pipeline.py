@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..batches import require_reiterable
+from ..checks import is_number
 from ..compressed import CompressedNetwork
 from ..infer import evaluate
 from ..nn import BayesianLayer
@@ -198,9 +199,7 @@ def compress(
     if reference_error is not None and validation is None:
         raise ValueError("compress: reference_error needs validation and max_error_increase")
     if reference_error is not None and not (
-        isinstance(reference_error, (int, float))
-        and not isinstance(reference_error, bool)
-        and 0 <= reference_error <= 1
+        is_number(reference_error) and 0 <= reference_error <= 1
     ):
         raise ValueError(
             f"compress: reference_error is an error rate in [0, 1] (the validation error the "

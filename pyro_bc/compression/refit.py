@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from ..checks import is_integer
 from ..infer import fit, linear_decay
 from .pipeline import compress
 from .thinned_posterior import thin_posterior
@@ -65,7 +66,7 @@ def refit(
         final, thinned = refit(chosen, guide, train_and_val, epochs=20, lr=1e-3, seed=0)
         final.report.pruning_rate == chosen.report.pruning_rate  # True
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+    if not (is_integer(epochs) and epochs >= 1):
         raise ValueError(f"refit: epochs must be a positive integer, got {epochs!r}")
     fixed = sorted(set(options) - REFIT_OPTIONS)
     if fixed:

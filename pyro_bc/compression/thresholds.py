@@ -15,6 +15,7 @@ from numbers import Real
 import torch
 import torch.nn.functional as F
 
+from ..checks import is_number
 from ..priors import GroupPrior
 from .arguments import per_layer
 
@@ -113,6 +114,6 @@ def _threshold(name, value, log_alpha, separation):
         if valley is None:
             return DEFAULT_THRESHOLD, "auto: one mode, default"
         return valley, "auto"
-    if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(value):
+    if not is_number(value) or math.isnan(value):
         raise ValueError(f"compress: threshold of {name!r} must be a number, got {value!r}")
     return float(value), "given"

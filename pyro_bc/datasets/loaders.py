@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import TensorDataset
 
+from ..checks import is_integer
 from .splits import ImageData, train_validation_split
 
 __all__ = [
@@ -70,7 +71,7 @@ class TensorBatches:
     ):
         if len(x) != len(y):
             raise ValueError(f"TensorBatches: x has {len(x)} examples but y has {len(y)}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not (is_integer(batch_size) and batch_size >= 1):
             raise ValueError(f"TensorBatches: batch_size={batch_size!r} must be an integer >= 1")
         self.x, self.y, self.batch_size = x, y, batch_size
         self.shuffle, self.generator, self.transform = shuffle, generator, transform

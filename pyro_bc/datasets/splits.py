@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..checks import is_integer
+
 __all__ = ["ImageData", "train_validation_split"]
 
 
@@ -66,7 +68,7 @@ def train_validation_split(data: ImageData, validation: int = 10_000) -> ImageDa
             "original data once."
         )
     n = len(data.train_y)
-    if isinstance(validation, bool) or not isinstance(validation, int) or not 0 < validation < n:
+    if not (is_integer(validation) and 0 < validation < n):
         raise ValueError(
             f"train_validation_split: validation={validation!r} must be an integer between 1 "
             f"and {n - 1}: the data has {n} training images and both sets need some."

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import is_integer
 from .splits import ImageData
 
 __all__ = ["synthetic_image_data"]
@@ -45,7 +46,7 @@ def synthetic_image_data(
     :raises ValueError: if a count is not a positive integer or ``signal`` is negative.
     """
     for name, value in (("train", train), ("test", test), ("classes", classes)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not (is_integer(value) and value >= 1):
             raise ValueError(f"synthetic_image_data: {name}={value!r} must be an integer >= 1")
     if not signal >= 0:
         raise ValueError(f"synthetic_image_data: signal={signal!r} must be >= 0")

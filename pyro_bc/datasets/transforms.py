@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import is_integer
+
 __all__ = ["RandomCropFlip"]
 
 
@@ -40,7 +42,7 @@ class RandomCropFlip:
     def __init__(
         self, padding: int = 4, flip: float = 0.5, *, generator: torch.Generator | None = None
     ):
-        if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        if not (is_integer(padding) and padding >= 0):
             raise ValueError(f"RandomCropFlip: padding={padding!r} must be an integer >= 0")
         if not 0.0 <= flip <= 1.0:
             raise ValueError(f"RandomCropFlip: flip={flip!r} must be a probability in [0, 1]")
