@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from .batches import batches
-from .checks import is_integer
+from .checks import require_count
 from .infer import predict_logits
 
 __all__ = [
@@ -69,7 +69,7 @@ def predictive_log_probs(model, guide, x, *, num_samples: int = 100) -> torch.Te
 
         log_p = predictive_log_probs(model, guide, x, num_samples=20)
     """
-    _check_num_samples(num_samples)
+    require_count(num_samples, "num_samples", minimum=1)
     model.eval()
     total = None
     for _ in range(num_samples):
@@ -130,11 +130,6 @@ def network_probs(network, x) -> torch.Tensor:
     device = next((p.device for p in network.parameters()), x.device)
     with torch.no_grad():
         return network(x.to(device)).softmax(-1)
-
-
-def _check_num_samples(num_samples):
-    if not (is_integer(num_samples) and num_samples >= 1):
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,8 +281,7 @@ def calibration(
         print(result)  # error 1.70%, NLL 0.0550 nats, ECE 0.0031 (15 bins), ...
     """
     _check_probs(probs, labels)
-    if not (is_integer(num_bins) and num_bins >= 1):
-        raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}")
+    require_count(num_bins, "num_bins", minimum=1)
     if not len(labels):
         raise ValueError("calibration needs at least one example")
     probs = probs.detach().double().cpu()
@@ -344,7 +338,7 @@ def predictive_metrics(
         result = predictive_metrics(model, guide, test_loader, num_samples=20)
         result.error, result.nll, result.ece
     """
-    _check_num_samples(num_samples)
+    require_count(num_samples, "num_samples", minimum=1)
 
     def probs_of(x):
         return predictive_log_probs(model, guide, x, num_samples=num_samples).exp()
